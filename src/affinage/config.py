@@ -1,0 +1,106 @@
+"""One typed, validated run configuration, saved whole to every run directory."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from .errors import AffinageError
+
+STRATEGY_NAMES = ("linear-probe", "head", "partial:N", "full", "progressive")
+AUGMENT_PRESETS = ("none", "light", "strong")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_strategy(name: str) -> str:
+    """Normalise a strategy name or raise naming the valid choices."""
+    name = name.strip().lower()
+    if name in ("linear-probe", "linear_probe", "probe"):
+        return "linear-probe"
+    if name in ("head", "full", "progressive"):
+        return name
+    match = re.fullmatch(r"partial:(\d+)", name)
+    if match and int(match.group(1)) >= 1:
+        return f"partial:{int(match.group(1))}"
+    raise AffinageError(f"unknown strategy '{name}'",
+                        f"choose one of {', '.join(STRATEGY_NAMES)} (N = number of last blocks to train, >= 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run. None means "the strategy's default" (resolved before training)."""
+
+    data: str
+    model: str = "efficientnet_lite0"
+    strategy: str = "linear-probe"
+    seed: int = 0
+    epochs: int | None = None
+    lr: float | None = None  # peak LR of the head; backbone groups get less (layer decay / discriminative LRs)
+    batch_size: int | None = None  # None: the strategy's (32 when the backbone trains, 128 on cached features)
+    weight_decay: float | None = None  # never applied to biases and norm weights
+    label_smoothing: float = 0.1
+    augment: str = "light"
+    layer_decay: float | None = None  # LR multiplier per block going down from the head (full, partial)
+    warmup_epochs: float = 0.5
+    patience: int | None = None  # early stopping on val accuracy (None: the strategy's); the best weights are kept
+    train_bn_stats: bool = False  # False: BatchNorm keeps its pretrained statistics while fine-tuning (Keras' advice)
+    head_init: str = "probe"  # unfreezing strategies start from a head fitted on frozen features (LP-FT)
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    image_size: int | None = None  # None: the checkpoint's own input size
+    pretrained: bool = True  # False: random init (tests, from-scratch baselines)
+    precision: str = "auto"  # auto: bf16 autocast where the hardware runs it fast (inference on AVX512-BF16 CPUs, GPUs)
+    num_workers: int | None = None
+    grad_accum: int = 1
+    splits_from: str | None = None  # a run directory whose split lists to reuse
+    group_by: str | None = None
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strategy", check_strategy(self.strategy))
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise AffinageError(f"{name} must be >= 1, got {value}", f"pass --{name.replace('_', '-')} 1 or more")
+        if self.epochs is not None and self.epochs < 1:
+            raise AffinageError(f"epochs must be >= 1, got {self.epochs}", "pass --epochs 1 or more")
+        if self.lr is not None and not self.lr > 0:
+            raise AffinageError(f"lr must be > 0, got {self.lr}", "pass e.g. --lr 1e-3")
+        if self.augment not in AUGMENT_PRESETS:
+            raise AffinageError(f"unknown augmentation preset '{self.augment}'", f"choose one of {', '.join(AUGMENT_PRESETS)}")
+        if self.precision not in PRECISIONS:
+            raise AffinageError(f"unknown precision '{self.precision}'", f"choose one of {', '.join(PRECISIONS)}")
+        if self.head_init not in ("probe", "random"):
+            raise AffinageError(f"unknown head_init '{self.head_init}'", "choose probe or random")
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise AffinageError(f"val/test fractions {self.val_fraction}/{self.test_fraction} do not leave a train split",
+                                "use fractions in (0, 1) that sum to less than 1, e.g. 0.15 and 0.15")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise AffinageError(f"layer_decay must be in (0, 1], got {self.layer_decay}", "pass e.g. --layer-decay 0.8")
+        if not 0 <= self.label_smoothing < 1:
+            raise AffinageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}", "pass e.g. 0.1")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise AffinageError(f"unknown config key(s): {', '.join(unknown)}", f"valid keys: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "TrainConfig":
+        return cls.from_dict(yaml.safe_load(text) or {})

@@ -1,0 +1,586 @@
+"""Data stage: sources -> labelled samples -> safe decoding (cached) -> splits -> torch datasets.
+
+Every image, in training, prediction and serving, goes through `open_image` then `prepare_image`,
+so the pixels a model is evaluated on are produced by one implementation.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import AffinageError
+from .storage import atomic_path, cache_dir, digest, read_json, write_json
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "dev": "val", "test": "test", "testing": "test"}
+# Formats decoded as photos. GIF is refused on purpose: in real folders it is nearly always a
+# placeholder ("image not found") or an animation, not a photo of the class.
+PHOTO_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"}
+MAX_IMAGE_PIXELS = 64_000_000  # above this a file is treated as a decompression bomb and skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples and sources
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image. `key` is a file path, or `<source>/<index>` for in-memory sources."""
+
+    key: str
+    label: str
+    split: str | None = None
+    group: str | None = None
+
+
+@dataclass
+class LabelledImages:
+    """What a data source yields: samples, plus how to read each one's encoded bytes."""
+
+    samples: list[Sample]
+    description: str
+    read_bytes: Callable[[Sample], bytes]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) found while scanning
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted({s.label for s in self.samples})
+
+
+def _read_file(sample: Sample) -> bytes:
+    with open(sample.key, "rb") as fh:
+        return fh.read()
+
+
+def load_source(spec: str, group_by: str | None = None) -> LabelledImages:
+    """Resolve a data spec: a class-folder tree, a train/val[/test] tree, a CSV, `hf:<id>[:config]` or `digits`."""
+    if spec == "digits":
+        images = _load_digits()
+    elif spec.startswith("hf:"):
+        images = _load_hf_dataset(spec[3:])
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise AffinageError(f"data path '{spec}' does not exist",
+                                "pass a folder of class subfolders, a train/val folder, a CSV, hf:<dataset id> or digits")
+        if path.is_file():
+            if path.suffix.lower() != ".csv":
+                raise AffinageError(f"data file '{spec}' is not a CSV",
+                                    "pass a CSV with columns path,label[,split][,group] or a folder of class subfolders")
+            images = _load_csv(path)
+        else:
+            images = _load_folder(path)
+    if group_by:
+        pattern = re.compile(group_by)
+        regrouped = []
+        for s in images.samples:
+            m = pattern.search(s.key)
+            regrouped.append(Sample(s.key, s.label, s.split, (m.group(1) if m.groups() else m.group(0)) if m else "other"))
+        images.samples = regrouped
+    _check_classes(images, spec)
+    return images
+
+
+def _check_classes(images: LabelledImages, spec: str) -> None:
+    if not images.samples:
+        raise AffinageError(f"no images found in '{spec}'", "check the path; expected DIR/<class>/<image files>")
+    if len(images.classes) < 2:
+        raise AffinageError(f"'{spec}' has a single class ({images.classes[0]}); a classifier needs at least two",
+                            "add a folder (or CSV rows) for at least one more class")
+
+
+def _list_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """All regular files below `folder` (symlinks to files followed once), sorted; and what cannot be listed."""
+    files, skipped = [], []
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        dirs.sort()
+        for name in sorted(names):
+            p = Path(root) / name
+            try:
+                if p.is_file():
+                    files.append(p)
+                else:
+                    skipped.append((str(p), "not a regular file (broken link or special file)"))
+            except OSError as exc:  # e.g. a symlink loop
+                skipped.append((str(p), f"cannot be opened: {exc.strerror or exc}"))
+    return files, skipped
+
+
+def _class_folders(root: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
+    samples: list[Sample] = []
+    skipped: list[tuple[str, str]] = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir():
+            files, bad = _list_files(entry)
+            skipped += bad
+            if not files:
+                skipped.append((str(entry), "empty class folder: the class is left out"))
+            samples += [Sample(str(f), entry.name) for f in files]
+        else:
+            skipped.append((str(entry), "not inside a class folder"))
+    return samples, skipped
+
+
+def _load_folder(root: Path) -> LabelledImages:
+    subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    split_dirs = {SPLIT_ALIASES[name]: p for name, p in subdirs.items() if name in SPLIT_ALIASES}
+    if "train" in split_dirs:
+        samples, skipped = [], []
+        for split, folder in sorted(split_dirs.items()):
+            found, bad = _class_folders(folder)
+            samples += [Sample(s.key, s.label, split) for s in found]
+            skipped += bad
+        for name, p in subdirs.items():
+            if name not in SPLIT_ALIASES:
+                skipped.append((str(p), "folder beside train/val is not a split: ignored"))
+        description = f"folder with splits {', '.join(sorted(split_dirs))}: {root}"
+    else:
+        samples, skipped = _class_folders(root)
+        description = f"class folders: {root}"
+    return LabelledImages(samples, description, _read_file, skipped)
+
+
+def _load_csv(path: Path) -> LabelledImages:
+    base = path.parent
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if "path" not in columns or "label" not in columns:
+            raise AffinageError(f"CSV '{path}' has columns {columns}, it needs path and label",
+                                "write a header line: path,label[,split][,group]")
+        samples = []
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            file = Path(row["path"]).expanduser()
+            file = file if file.is_absolute() else base / file
+            if not file.exists():
+                raise AffinageError(f"CSV '{path}' line {line} names a missing file '{row['path']}' (looked at {file})",
+                                    "fix the path (absolute, or relative to the CSV's folder) or remove the row")
+            if not row["label"]:
+                raise AffinageError(f"CSV '{path}' line {line} has an empty label", "give every row a label")
+            split = row.get("split") or None
+            if split is not None:
+                if split.lower() not in SPLIT_ALIASES:
+                    raise AffinageError(f"CSV '{path}' line {line} has split '{split}'", "use train, val or test")
+                split = SPLIT_ALIASES[split.lower()]
+            samples.append(Sample(str(file), row["label"], split, row.get("group") or None))
+    return LabelledImages(samples, f"CSV: {path}", _read_file)
+
+
+def _encode_png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _load_digits() -> LabelledImages:
+    """scikit-learn's 1,797 real 8x8 handwritten digits (shipped inside scikit-learn): the offline default."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
+    encoded = [_encode_png(img) for img in pixels]
+    samples = [Sample(f"digits/{i}", str(int(t))) for i, t in enumerate(digits.target)]
+    return LabelledImages(samples, "scikit-learn digits (8x8 handwritten, 10 classes)",
+                          lambda s: encoded[int(s.key.split("/")[1])])
+
+
+def _load_hf_dataset(spec: str) -> LabelledImages:
+    """`<id>[:config]` from the Hub, or a local folder written by `datasets.save_to_disk`."""
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a core dependency
+        raise AffinageError("hf: data needs the 'datasets' package", "pip install datasets") from exc
+    local = Path(spec).expanduser()
+    if local.exists():
+        loaded = datasets.load_from_disk(str(local))
+        name = str(local)
+    else:
+        dataset_id, _, config = spec.partition(":")
+        try:
+            loaded = datasets.load_dataset(dataset_id, config or None)
+        except Exception as exc:
+            raise AffinageError(f"cannot load Hugging Face dataset '{spec}': {str(exc).splitlines()[0][:200]}",
+                                "check the dataset id and your network, or save it locally with save_to_disk") from exc
+        name = spec
+    splits = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+    first = next(iter(splits.values()))
+    image_col = next((k for k, f in first.features.items() if isinstance(f, datasets.Image)), None)
+    label_col = next((k for k, f in first.features.items() if isinstance(f, datasets.ClassLabel)), None)
+    if image_col is None or label_col is None:
+        raise AffinageError(f"dataset '{name}' needs an Image column and a ClassLabel column; it has {dict(first.features)}",
+                            "cast the columns with dataset.cast_column(...)")
+    names = first.features[label_col].names
+    samples: list[Sample] = []
+    raw: dict[str, Any] = {}
+    for split_name, ds in splits.items():
+        split = SPLIT_ALIASES.get(split_name.lower())
+        if split is None:
+            continue
+        ds = ds.cast_column(image_col, datasets.Image(decode=False))
+        raw[split_name] = ds
+        for i, label in enumerate(ds[label_col]):
+            samples.append(Sample(f"hf/{split_name}/{i}", names[label], split))
+
+    def read(sample: Sample) -> bytes:
+        _, split_name, index = sample.key.split("/")
+        image = raw[split_name][int(index)][image_col]
+        if image.get("bytes"):
+            return image["bytes"]
+        with open(image["path"], "rb") as fh:
+            return fh.read()
+
+    return LabelledImages(samples, f"Hugging Face dataset: {name}", read)
+
+
+# ----------------------------------------------------------------------------------------------
+# Safe decoding and preprocessing
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the pretrained model saw images (read from the checkpoint, never guessed)."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"  # center: resize short side, centre crop; squash: resize both sides
+
+    @property
+    def stored_size(self) -> int:
+        """Side of the square uint8 image kept in the decoded cache (eval crops `input_size` out of it)."""
+        return max(self.input_size, int(self.input_size / self.crop_pct))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bicubic"),  # type: ignore[arg-type]
+                   float(d.get("crop_pct", 1.0)), d.get("crop_mode", "center"))
+
+
+class UnreadableImage(Exception):
+    """A file that cannot be used as a photo; the message is the reason listed in the run."""
+
+
+def open_image(data: bytes, draft_size: int | None = None) -> "Image.Image":  # noqa: F821
+    """Decode bytes into an upright RGB PIL image, or raise UnreadableImage with the reason."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise UnreadableImage("empty file (0 bytes)")
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.format not in PHOTO_FORMATS:
+                hint = "; GIF is not used (usually a placeholder or animation): convert it to PNG to include it" \
+                    if img.format == "GIF" else ""
+                raise UnreadableImage(f"unsupported image format {img.format}{hint}")
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))  # DCT-domain downscale: decoding large JPEGs 2-8x faster
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except UnreadableImage:
+        raise
+    except UnidentifiedImageError:
+        raise UnreadableImage("not an image (unrecognised file content)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UnreadableImage(f"image too large (over {MAX_IMAGE_PIXELS:,} pixels: possible decompression bomb)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        msg = str(exc)
+        reason = "truncated or corrupt image data" if "truncated" in msg or "broken" in msg else f"cannot decode: {msg}"
+        raise UnreadableImage(reason) from None
+    return _to_rgb(img)
+
+
+def _to_rgb(img: "Image.Image") -> "Image.Image":  # noqa: F821
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def _pil_interpolation(name: str) -> int:
+    from PIL import Image
+
+    return {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+            "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}.get(name, Image.Resampling.BICUBIC)
+
+
+def prepare_image(img: "Image.Image", pp: Preprocessing) -> np.ndarray:  # noqa: F821
+    """RGB PIL image -> uint8 CHW array of side `pp.stored_size` (short side resized, centre-cropped square)."""
+    side = pp.stored_size
+    resample = _pil_interpolation(pp.interpolation)
+    w, h = img.size
+    if pp.crop_mode == "squash":
+        img = img.resize((side, side), resample)
+    else:
+        scale = side / min(w, h)
+        nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
+        img = img.resize((nw, nh), resample)
+        left, top = (nw - side) // 2, (nh - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def load_pixels(data: bytes, pp: Preprocessing) -> np.ndarray:
+    """Encoded bytes -> the stored uint8 CHW array; raises UnreadableImage."""
+    return prepare_image(open_image(data, draft_size=pp.stored_size), pp)
+
+
+@dataclass
+class DecodedImages:
+    """Usable samples with their decoded pixels (a memory-mapped array in the cache)."""
+
+    samples: list[Sample]
+    hashes: list[str]
+    pixels: np.ndarray  # (N, 3, S, S) uint8, aligned with samples
+    skipped: list[tuple[str, str]]
+    cache_hit: bool
+
+
+def decode_all(images: LabelledImages, pp: Preprocessing, workers: int | None = None,
+               progress: bool = True) -> DecodedImages:
+    """Hash every file, decode the usable ones once into the cache, list the rest with their reasons."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    hashes: list[str | None] = []
+    skipped = list(images.skipped)
+    with ThreadPoolExecutor(workers) as pool:
+        for sample, result in zip(images.samples, pool.map(lambda s: _hash_sample(images, s), images.samples)):
+            if isinstance(result, UnreadableImage):
+                skipped.append((sample.key, str(result)))
+                hashes.append(None)
+            else:
+                hashes.append(result)
+    keep = [i for i, h in enumerate(hashes) if h is not None]
+    key = digest("decoded-v1", str(sorted(pp.to_dict().items())), *[hashes[i] or "" for i in keep])
+    folder = cache_dir() / "decoded"
+    array_path, index_path = folder / f"{key}.npy", folder / f"{key}.json"
+    cache_hit = array_path.exists() and index_path.exists()
+    if cache_hit:
+        index = read_json(index_path)
+        bad = {int(i): reason for i, reason in index["skipped"].items()}
+    else:
+        side = pp.stored_size
+        folder.mkdir(parents=True, exist_ok=True)
+        bad = {}
+        with atomic_path(array_path) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(keep), 3, side, side))
+
+            def work(j: int) -> str | None:
+                try:
+                    out[j] = load_pixels(images.read_bytes(images.samples[keep[j]]), pp)
+                    return None
+                except UnreadableImage as exc:
+                    return str(exc)
+                except OSError as exc:
+                    return f"cannot be read: {exc.strerror or exc}"
+
+            with ThreadPoolExecutor(workers) as pool:
+                results = pool.map(work, range(len(keep)))
+                for j, reason in enumerate(_progress(results, len(keep), "decoding images", progress)):
+                    if reason is not None:
+                        bad[j] = reason
+            out.flush()
+            del out
+        write_json(index_path, {"skipped": {str(j): r for j, r in bad.items()}})
+    pixels = np.load(array_path, mmap_mode="r")
+    for j, reason in sorted(bad.items()):
+        skipped.append((images.samples[keep[j]].key, reason))
+    good = [j for j in range(len(keep)) if j not in bad]
+    if len(good) < len(keep):
+        pixels = pixels[good]  # a copy; only when some files failed to decode
+    samples = [images.samples[keep[j]] for j in good]
+    return DecodedImages(samples, [hashes[keep[j]] for j in good], pixels, skipped, cache_hit)  # type: ignore[misc]
+
+
+def _hash_sample(images: LabelledImages, sample: Sample) -> str | UnreadableImage:
+    try:
+        return digest(images.read_bytes(sample))
+    except OSError as exc:
+        return UnreadableImage(f"cannot be read: {exc.strerror or exc}")
+
+
+def _progress(it: Iterable[Any], total: int, desc: str, enabled: bool) -> Iterable[Any]:
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, desc=desc, unit="img", leave=False, mininterval=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Splits:
+    """Indices into DecodedImages.samples for each split, plus how they were made."""
+
+    train: list[int]
+    val: list[int]
+    test: list[int]
+    how: str
+
+    def items(self) -> list[tuple[str, list[int]]]:
+        return [("train", self.train), ("val", self.val), ("test", self.test)]
+
+
+def make_splits(samples: Sequence[Sample], seed: int, val_fraction: float = 0.15,
+                test_fraction: float = 0.15) -> Splits:
+    """Use the given splits; carve what is missing from train, stratified and seeded."""
+    given = {s.split for s in samples}
+    if given == {None}:
+        pool = list(range(len(samples)))
+        train, test = _stratified_carve(samples, pool, test_fraction, seed, "test")
+        train, val = _stratified_carve(samples, train, val_fraction / (1 - test_fraction), seed + 1, "val")
+        return Splits(train, val, test, f"stratified {1 - val_fraction - test_fraction:.0%}/{val_fraction:.0%}/"
+                                         f"{test_fraction:.0%} split, seed {seed}")
+    if None in given:
+        missing = next(s.key for s in samples if s.split is None)
+        raise AffinageError(f"some samples have a split and others not (e.g. '{missing}')",
+                            "give every row a split, or none at all")
+    by_split = {name: [i for i, s in enumerate(samples) if s.split == name] for name in SPLITS}
+    if not by_split["train"]:
+        raise AffinageError("the data has splits but no train split", "name one split 'train'")
+    how = "given splits"
+    if not by_split["test"]:
+        if by_split["val"]:
+            by_split["test"], by_split["val"] = by_split["val"], []
+            how += "; the val split is used as test"
+        else:
+            by_split["train"], by_split["test"] = _stratified_carve(samples, by_split["train"], test_fraction, seed, "test")
+            how += f"; test carved from train ({test_fraction:.0%}, seed {seed})"
+    if not by_split["val"]:
+        by_split["train"], by_split["val"] = _stratified_carve(samples, by_split["train"], val_fraction, seed + 1, "val")
+        how += f"; val carved from train ({val_fraction:.0%}, seed {seed})"
+    return Splits(by_split["train"], by_split["val"], by_split["test"], how)
+
+
+def _stratified_carve(samples: Sequence[Sample], pool: list[int], fraction: float, seed: int,
+                      name: str) -> tuple[list[int], list[int]]:
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i in sorted(pool, key=lambda i: samples[i].key):
+        by_class[samples[i].label].append(i)
+    rng = np.random.default_rng(seed)
+    keep, carved = [], []
+    for label in sorted(by_class):
+        members = by_class[label]
+        if len(members) < 2:
+            raise AffinageError(f"class '{label}' has {len(members)} usable image(s), too few to split off a {name} set",
+                                "add images to that class (at least 3 per class without given splits), or remove it")
+        order = rng.permutation(len(members))
+        n = min(len(members) - 1, max(1, round(len(members) * fraction)))
+        carved += [members[k] for k in order[:n]]
+        keep += [members[k] for k in order[n:]]
+    return sorted(keep), sorted(carved)
+
+
+def write_split_lists(folder: Path, samples: Sequence[Sample], hashes: Sequence[str], splits: Splits) -> None:
+    """One CSV per split: path,label,group,sha (content hash) -- the exact lists a rerun reuses."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, idx in splits.items():
+        with atomic_path(folder / f"{name}.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "label", "group", "sha"])
+            for i in idx:
+                w.writerow([samples[i].key, samples[i].label, samples[i].group or "", hashes[i]])
+
+
+def read_split_lists(folder: Path, samples: Sequence[Sample]) -> Splits:
+    """Re-apply split lists saved by an earlier run to the same data."""
+    position = {s.key: i for i, s in enumerate(samples)}
+    out: dict[str, list[int]] = {}
+    for name in SPLITS:
+        path = folder / f"{name}.csv"
+        if not path.exists():
+            raise AffinageError(f"split list '{path}' is missing", "point --splits-from at a complete affinage run directory")
+        with open(path, newline="", encoding="utf-8") as fh:
+            keys = [row["path"] for row in csv.DictReader(fh)]
+        missing = [k for k in keys if k not in position]
+        if missing:
+            raise AffinageError(f"split list '{path}' names {len(missing)} image(s) not in the data, e.g. '{missing[0]}'",
+                                "use the same data the run was made with")
+        out[name] = [position[k] for k in keys]
+    return Splits(out["train"], out["val"], out["test"], f"split lists from {folder}")
+
+
+def write_skipped(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "reason"])
+        w.writerows(skipped)
+
+
+def class_counts(samples: Sequence[Sample], idx: Iterable[int]) -> dict[str, int]:
+    return dict(sorted(Counter(samples[i].label for i in idx).items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch datasets and augmentation
+# ----------------------------------------------------------------------------------------------
+def eval_transform(pp: Preprocessing) -> Any:
+    import torch
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.CenterCrop(pp.input_size), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(pp.mean), list(pp.std))])
+
+
+def train_transform(pp: Preprocessing, preset: str) -> Any:
+    import torch
+    from torchvision.transforms import v2
+
+    if preset == "none":
+        return eval_transform(pp)
+    interpolation = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR,
+                     "nearest": v2.InterpolationMode.NEAREST}.get(pp.interpolation, v2.InterpolationMode.BILINEAR)
+    ops: list[Any] = [v2.RandomResizedCrop(pp.input_size, scale=(0.35, 1.0), interpolation=interpolation, antialias=True),
+                      v2.RandomHorizontalFlip()]
+    if preset == "strong":
+        ops.append(v2.TrivialAugmentWide(interpolation=interpolation))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pp.mean), list(pp.std))]
+    if preset == "strong":
+        ops.append(v2.RandomErasing(p=0.25))
+    return v2.Compose(ops)
+
+
+class PixelDataset:
+    """A torch-style dataset over rows of the decoded uint8 array."""
+
+    def __init__(self, pixels: np.ndarray, indices: Sequence[int], labels: Sequence[int], transform: Any):
+        self.pixels, self.indices, self.labels, self.transform = pixels, list(indices), list(labels), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        import torch
+
+        x = torch.from_numpy(np.array(self.pixels[self.indices[i]]))
+        return self.transform(x), self.labels[i]
