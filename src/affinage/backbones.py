@@ -109,6 +109,15 @@ class ImageClassifier(nn.Module):
         """Backbone parameter names that must not be decayed (biases, norms, tokens, position embeddings)."""
         return self.no_decay
 
+    @property
+    def flexible_input_size(self) -> bool:
+        """Whether the backbone accepts other input sizes than its own (convnets yes; ViTs with fixed position
+        embeddings no)."""
+        if self.spec.source != "timm":
+            return False
+        cfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
+        return not cfg.get("fixed_input_size", False)
+
     def describe(self) -> dict[str, Any]:
         return {"backbone": self.spec.origin, "num_features": self.num_features, "num_blocks": len(self.block_names),
                 "params": sum(p.numel() for p in self.parameters()), "preprocessing": self.preprocessing.to_dict()}
@@ -287,12 +296,14 @@ def _local(path: Path, origin: str, pretrained: bool, trust_remote_code: bool,
         if weights is None:
             raise AffinageError(f"no model.safetensors in '{path}'", "save the weights with timm.models.save_for_hf")
         overlay = {"file": str(weights)}
-        kwargs = {"pretrained_cfg_overlay": overlay, **config.get("model_args", {})}
+        # save_for_hf records num_classes in model_args; affinage always builds the backbone headless.
+        model_args = {k: v for k, v in (config.get("model_args") or {}).items() if k != "num_classes"}
+        kwargs = {"pretrained_cfg_overlay": overlay, **model_args}
         if pretrained_cfg := config.get("pretrained_cfg"):
             overlay.update({k: v for k, v in pretrained_cfg.items() if k in
                             ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")})
         backbone, spec, pp = _timm(config["architecture"], origin, pretrained, **kwargs)
-        spec.timm_kwargs = dict(config.get("model_args", {}))
+        spec.timm_kwargs = dict(model_args)
         return backbone, spec, pp
     if "model_type" in config:
         return _hf(str(path), origin, pretrained, trust_remote_code)

@@ -51,6 +51,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     image_size: int | None = None  # None: the checkpoint's own input size
+    train_image_size: int | None = None  # None: 80% of image_size for convnets (FixRes: faster, as accurate), else equal
     pretrained: bool = True  # False: random init (tests, from-scratch baselines)
     precision: str = "auto"  # auto: bf16 autocast where the hardware runs it fast (inference on AVX512-BF16 CPUs, GPUs)
     num_workers: int | None = None

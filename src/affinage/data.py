@@ -552,15 +552,21 @@ def eval_transform(pp: Preprocessing) -> Any:
                        v2.Normalize(list(pp.mean), list(pp.std))])
 
 
-def train_transform(pp: Preprocessing, preset: str) -> Any:
+def train_transform(pp: Preprocessing, preset: str, size: int | None = None) -> Any:
+    """Augmentation on the stored uint8 images; `size` (default: the eval size) may be smaller, since a
+    random-resized crop zooms in and testing at a higher resolution than training compensates (FixRes)."""
     import torch
     from torchvision.transforms import v2
 
+    size = size or pp.input_size
     if preset == "none":
-        return eval_transform(pp)
+        if size == pp.input_size:
+            return eval_transform(pp)
+        return v2.Compose([v2.CenterCrop(pp.input_size), v2.Resize(size, antialias=True),
+                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pp.mean), list(pp.std))])
     interpolation = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR,
                      "nearest": v2.InterpolationMode.NEAREST}.get(pp.interpolation, v2.InterpolationMode.BILINEAR)
-    ops: list[Any] = [v2.RandomResizedCrop(pp.input_size, scale=(0.35, 1.0), interpolation=interpolation, antialias=True),
+    ops: list[Any] = [v2.RandomResizedCrop(size, scale=(0.35, 1.0), interpolation=interpolation, antialias=True),
                       v2.RandomHorizontalFlip()]
     if preset == "strong":
         ops.append(v2.TrivialAugmentWide(interpolation=interpolation))

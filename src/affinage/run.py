@@ -267,7 +267,10 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "line
         if cfg.head_init == "random":
             net.reset_classifier(len(classes), strat.head_hidden)
         workers = cfg.num_workers if cfg.num_workers is not None else default_workers()
-        train_ds = PixelDataset(decoded.pixels, splits.train, y[splits.train].tolist(), train_transform(pp, cfg.augment))
+        train_size = cfg.train_image_size or (_round_to(pp.input_size * 0.8, 16) if net.flexible_input_size else None)
+        hp["train_image_size"] = train_size or pp.input_size
+        train_ds = PixelDataset(decoded.pixels, splits.train, y[splits.train].tolist(),
+                                train_transform(pp, cfg.augment, train_size))
         val_ds = PixelDataset(decoded.pixels, splits.val, y[splits.val].tolist(), eval_transform(pp))
         groups = strat.param_groups(net, hp)
         strat.apply(net, 0, hp["epochs"])
@@ -321,6 +324,10 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "line
     log(f"test accuracy {test['accuracy']:.4f} (macro F1 {test['macro_f1']:.4f}, n={test['n']}) "
         f"in {metrics['timing']['wall_seconds']:.1f}s -> {run_dir}")
     return run
+
+
+def _round_to(value: float, multiple: int) -> int:
+    return max(multiple, int(round(value / multiple)) * multiple)
 
 
 def _check_split_classes(samples: Sequence[Sample], splits: Splits, classes: list[str]) -> None:
