@@ -161,9 +161,13 @@ def rebuild_model(spec: BackboneSpec, preprocessing: Preprocessing, num_classes:
         from transformers import AutoConfig, AutoModel
 
         cfg = dict(spec.hf_config or {})
+        pooling = cfg.pop(POOLING_KEY, None)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        backbone = HFBackbone(AutoModel.from_config(config, add_pooling_layer=False)
-                              if _accepts_pooling_flag(config) else AutoModel.from_config(config))
+        extra: dict[str, Any] = {}
+        if _accepts_pooling_flag(config):
+            # the same pooler the trained backbone had (runs saved before it was recorded: the old rule)
+            extra["add_pooling_layer"] = bool(pooling) if pooling is not None else not _skips_pooler(config)
+        backbone = HFBackbone(AutoModel.from_config(config, **extra))
     return _wrap(backbone, spec, preprocessing, num_classes, head_hidden)
 
 
@@ -228,8 +232,26 @@ def _timm_preprocessing(model: nn.Module) -> Preprocessing:
                          float(cfg["crop_pct"]), cfg.get("crop_mode", "center"))
 
 
+# ViT-likes whose pooler is an extra dense layer the checkpoint's features never went through: built without it
+CLS_POOLED = {"vit", "deit", "dinov2", "vit_msn", "beit", "data2vec-vision", "dinov2_with_registers"}
+POOLING_KEY = "_affinage_add_pooling_layer"  # recorded in BackboneSpec.hf_config: whether the backbone has a pooler
+
+
 def _accepts_pooling_flag(config: Any) -> bool:
-    return config.model_type in {"vit", "deit", "dinov2", "vit_msn", "beit", "data2vec-vision", "dinov2_with_registers"}
+    """Whether the architecture's base model takes `add_pooling_layer` (Dinov2Model, ViTMSNModel... do not)."""
+    import inspect
+
+    try:
+        from transformers import MODEL_MAPPING
+
+        model_class = MODEL_MAPPING[type(config)]
+    except Exception:  # remote code, unknown config
+        return False
+    return "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
+
+
+def _skips_pooler(config: Any) -> bool:
+    return config.model_type in CLS_POOLED and _accepts_pooling_flag(config)
 
 
 def _hf(name: str, origin: str, pretrained: bool, trust_remote_code: bool,
@@ -248,13 +270,16 @@ def _hf(name: str, origin: str, pretrained: bool, trust_remote_code: bool,
         try:
             model = AutoModelForImageClassification.from_pretrained(name, trust_remote_code=trust_remote_code).base_model
         except (ValueError, KeyError, OSError):
-            extra = {"add_pooling_layer": False} if _accepts_pooling_flag(config) else {}
+            extra = {"add_pooling_layer": False} if _skips_pooler(config) else {}
             model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code, **extra)
     else:
-        extra = {"add_pooling_layer": False} if _accepts_pooling_flag(config) else {}
+        extra = {"add_pooling_layer": False} if _skips_pooler(config) else {}
         model = AutoModel.from_config(config, **extra)
     model_config = model.config.to_dict()
     keep = {k: v for k, v in model_config.items() if k not in ("id2label", "label2id", "architectures", "_name_or_path")}
+    if _accepts_pooling_flag(config):
+        # e.g. BEiT's classifier keeps its mean-pooling pooler: a reloaded run must be rebuilt with it
+        keep[POOLING_KEY] = getattr(model, "pooler", None) is not None
     return HFBackbone(model), BackboneSpec("hf", config.model_type, origin, hf_config=keep), _hf_preprocessing(processor)
 
 
@@ -273,6 +298,9 @@ def _hf_preprocessing(processor: Any) -> Preprocessing:
             out = int(crop.get("height", short))
             return Preprocessing(out, mean, std, interpolation, out / short, "center")  # type: ignore[arg-type]
         crop_pct = float(getattr(processor, "crop_pct", None) or 1.0)  # ConvNeXt: resize short/crop_pct, crop short
+        if getattr(processor, "crop_pct", None) and short >= 384:
+            # ConvNeXt evaluates at 384 or larger by warping the whole image, without cropping
+            return Preprocessing(short, mean, std, interpolation, 1.0, "squash")  # type: ignore[arg-type]
         return Preprocessing(short, mean, std, interpolation, crop_pct, "center")  # type: ignore[arg-type]
     height = int(size.get("height", 224))
     if do_crop:

@@ -305,7 +305,8 @@ def open_image(data: bytes, draft_size: int | None = None) -> "Image.Image":  # 
         raise UnreadableImage(f"image too large (over {MAX_IMAGE_PIXELS:,} pixels: possible decompression bomb)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         msg = str(exc)
-        reason = "truncated or corrupt image data" if "truncated" in msg or "broken" in msg else f"cannot decode: {msg}"
+        lowered = msg.lower()
+        reason = "truncated or corrupt image data" if "truncated" in lowered or "broken" in lowered else f"cannot decode: {msg}"
         raise UnreadableImage(reason) from None
     return _to_rgb(img)
 
