@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 # Nothing in the suite may reach the network or the user's caches: set before any library is imported.
 _CACHE = tempfile.mkdtemp(prefix="affinage-test-cache-")
@@ -21,6 +22,10 @@ os.environ.update({
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 })
+
+# The tiny models run thousands of small ops: one thread avoids OpenMP spin-waiting, which on a busy 2-core
+# machine made the suite ~6x slower. Subprocesses (the end-to-end CLI run) keep torch's default.
+torch.set_num_threads(int(os.environ.get("AFFINAGE_TEST_THREADS", "1")))
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 requires_shared = pytest.mark.skipif(not (SHARED / "hymenoptera").is_dir(),
