@@ -217,6 +217,26 @@ def test_tiny_transformers_architectures_train_and_reload(tmp_path, tiny_images,
     assert set(reloaded.model.state_dict()) == set(saved)
 
 
+@pytest.mark.parametrize("arch", ["beit", "swin"])
+def test_relative_position_tables_get_no_weight_decay(tmp_path, arch):
+    """Like absolute position embeddings, relative position bias tables (Swin, BEiT) are not decayed."""
+    import transformers as T
+
+    config, model_class, processor = _tiny_hf_models()[arch]
+    if arch == "beit":
+        config = T.BeitConfig(**{**config.to_dict(), "use_relative_position_bias": True})
+    folder = tmp_path / arch
+    model_class(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    model = create_model(str(folder), num_classes=2, pretrained=True)
+    tables = [n for n, _ in model.backbone.named_parameters() if "relative_position_bias_table" in n]
+    assert len(tables) == 2
+    assert set(tables) <= model.no_weight_decay()
+    decayed = [n for n, p in model.backbone.named_parameters() if n not in model.no_weight_decay()]
+    assert decayed and all(n.endswith(".weight") for n in decayed)
+    assert not any(w in n for n in decayed for w in ("norm", "position", "cls_token"))
+
+
 def test_a_run_directory_is_not_a_backbone(tmp_path, tiny_images, tiny_timm):
     run = finetune(data=str(tiny_images), model=str(tiny_timm), strategy="linear-probe", out=tmp_path / "run",
                    progress=False, log=_quiet, epochs=5)

@@ -245,11 +245,24 @@ def test_e2e_predict_json(hymenoptera_run, capsys):
 
 @requires_shared
 @pytest.mark.slow
-def test_e2e_eval_reproduces_the_test_metrics(hymenoptera_run, capsys):
-    assert main(["eval", str(hymenoptera_run), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+def test_e2e_eval_reproduces_the_test_metrics(hymenoptera_run):
+    # a fresh process, like the training run (same torch thread count: float reductions are bit-identical)
+    result = cli("eval", str(hymenoptera_run), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
     saved = json.loads((hymenoptera_run / "metrics.json").read_text())["test"]
     assert report["matches_training_run"] is True
     assert report["test"]["accuracy"] == saved["accuracy"]
     assert report["test"]["loss"] == saved["loss"]
     assert report["test"]["confusion_matrix"] == saved["confusion_matrix"]
+
+
+@requires_shared
+@pytest.mark.slow
+def test_e2e_eval_in_process_gives_the_same_accuracy(hymenoptera_run, capsys):
+    assert main(["eval", str(hymenoptera_run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    saved = json.loads((hymenoptera_run / "metrics.json").read_text())["test"]
+    assert report["test"]["accuracy"] == saved["accuracy"]
+    assert report["test"]["confusion_matrix"] == saved["confusion_matrix"]
+    assert report["test"]["loss"] == pytest.approx(saved["loss"], rel=1e-5)

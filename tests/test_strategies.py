@@ -158,6 +158,24 @@ def test_frozen_parameters_unchanged_trainable_changed(run_cache, reference, bac
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("strategy", STRATEGIES)
+def test_trainable_parameter_counts(run_cache, reference, backbone, strategy):
+    run = run_cache(backbone, strategy)
+    ref = reference[backbone]
+    head = sum(p.numel() for p in run.model.head.parameters())
+    blocks = ref.blocks()
+    depth = expected_depth(strategy, ref)
+    backbone_trained = sum(p.numel() for block in blocks[len(blocks) - depth:] for _, p in block) if depth else 0
+    assert run.metrics["model"]["trainable_params"] == head + backbone_trained
+    history = json.loads((run.path / "history.json").read_text())
+    counts = [r["trainable_params"] for r in history if r["phase"] == "fine-tune" and r["epoch"] >= 1]
+    if strategy == "progressive":
+        assert counts[0] < counts[-1] == head + backbone_trained  # more blocks train in the later epoch
+    elif counts:
+        assert set(counts) == {head + backbone_trained}
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_beats_chance_and_reload_predicts_the_same(run_cache, backbone, strategy):
     run = run_cache(backbone, strategy)
     chance = 1 / len(CLASSES)

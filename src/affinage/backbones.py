@@ -372,7 +372,8 @@ def _module_list_groups(backbone: nn.Module) -> tuple[list[str], list[list[str]]
     ordered = list(blocks.values())
     ordered[-1] = ordered[-1] + tail
     stem = params[:first]
-    token_words = ("position_embedding", "pos_embed", "cls_token", "mask_token", "register_tokens", "dist_token")
+    token_words = ("position_embedding", "pos_embed", "cls_token", "mask_token", "register_tokens", "dist_token",
+                   "relative_position_bias_table", "position_bias")  # Swin, BEiT: relative position embeddings
     no_decay = {n for n, p in backbone.named_parameters() if p.ndim <= 1 or any(w in n for w in token_words)}
     return stem, ordered, no_decay
 
