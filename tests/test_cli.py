@@ -123,8 +123,6 @@ def test_unknown_timm_model(tmp_path, tiny_images, capsys):
     assert_one_line_error(capsys.readouterr().err, "timm has no model 'resnet9000'")
 
 
-@pytest.mark.xfail(strict=True, reason="run.finetune creates the run directory and writes config.yaml before the "
-                                       "model spec is resolved, so a failed run blocks re-using --out")
 def test_failed_train_leaves_out_reusable(tmp_path, tiny_images, capsys):
     out = tmp_path / "run"
     assert main(["train", "--data", str(tiny_images), "--model", "resnet9000", "--out", str(out), "--quiet"]) == 2

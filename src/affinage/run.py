@@ -192,6 +192,11 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "line
     cfg = TrainConfig(data=str(data), model=model, strategy=strategy, **options)
     strat = get_strategy(cfg.strategy)
     images = load_source(cfg.data, cfg.group_by)  # validates the data path before anything slow
+    t0 = time.perf_counter()
+    net = create_model(cfg.model, num_classes=2, pretrained=cfg.pretrained, head_hidden=strat.head_hidden,
+                       image_size=cfg.image_size, trust_remote_code=cfg.trust_remote_code)
+    pp = net.preprocessing
+    model_seconds = time.perf_counter() - t0
     run_dir = prepare_run_dir(out, cfg.strategy)
     write_text(run_dir / "config.yaml", cfg.to_yaml())
     seed_everything(cfg.seed)
@@ -199,11 +204,6 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "line
     precision = resolve_precision(cfg.precision, device)
     log(f"affinage: {cfg.strategy} on {images.description} with {cfg.model} -> {run_dir}")
 
-    t0 = time.perf_counter()
-    net = create_model(cfg.model, num_classes=2, pretrained=cfg.pretrained, head_hidden=strat.head_hidden,
-                       image_size=cfg.image_size, trust_remote_code=cfg.trust_remote_code)
-    pp = net.preprocessing
-    model_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     decoded = decode_all(images, pp, progress=progress)
