@@ -139,6 +139,24 @@ def tiny_backbones(tiny_hf_vit: Path, tiny_timm: Path) -> dict[str, Path]:
     return {"hf-vit": tiny_hf_vit, "timm-resnet": tiny_timm}
 
 
+requires_oxford17 = pytest.mark.skipif(not (SHARED / "oxford17" / "splits.csv").is_file(),
+                                       reason=f"oxford17 photos not found at {SHARED / 'oxford17'}")
+
+
+@pytest.fixture(scope="session")
+def oxford17_probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real run shared by the serve and export tests: built-in EfficientNet-Lite0 (ImageNet weights), linear
+    probe on Oxford 17 Flowers' fixed split (340 test photos); ~30 s on 2 idle CPU cores. Read-only for tests."""
+    from affinage.run import finetune
+
+    if not (SHARED / "oxford17" / "splits.csv").is_file():
+        pytest.skip(f"oxford17 photos not found at {SHARED / 'oxford17'}")
+    out = tmp_path_factory.mktemp("oxford17") / "lite0-probe"
+    finetune(data=str(SHARED / "oxford17" / "splits.csv"), model="efficientnet_lite0", strategy="linear-probe",
+             out=out, progress=False, log=lambda _: None)
+    return out
+
+
 def load_safetensors(path: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -103,9 +103,9 @@ def test_missing_data_path_in_a_subprocess(tmp_path):
 
 
 def test_unknown_strategy_in_a_subprocess(tmp_path, tiny_images):
-    result = cli("train", "--data", str(tiny_images), "--strategy", "lora", "--out", str(tmp_path / "run"))
+    result = cli("train", "--data", str(tiny_images), "--strategy", "lora2", "--out", str(tmp_path / "run"))
     assert result.returncode == 2
-    assert_one_line_error(result.stderr, "unknown strategy 'lora'", "linear-probe")
+    assert_one_line_error(result.stderr, "unknown strategy 'lora2'", "linear-probe")
     assert not (tmp_path / "run").exists()
 
 

@@ -494,3 +494,18 @@ def test_real_flowers5_ds_store_is_not_a_class():
     assert images.classes == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
     assert any(Path(k).name == ".DS_Store" for k, _ in images.skipped)
     assert all(Path(s.key).name != ".DS_Store" for s in images.samples)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+@pytest.mark.parametrize("preset", ["none", "light", "strong"])
+def test_every_augmentation_preset_runs_with_every_interpolation(preset, interpolation):
+    import torch
+
+    from affinage.data import Preprocessing, train_transform
+
+    pp = Preprocessing(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), interpolation, 0.875, "center")
+    transform = train_transform(pp, preset, 48)
+    torch.manual_seed(0)
+    for _ in range(20):  # TrivialAugmentWide picks a random op each call: exercise several
+        out = transform(torch.randint(0, 256, (3, 73, 73), dtype=torch.uint8))
+        assert out.shape == (3, 48, 48) and out.dtype == torch.float32 and torch.isfinite(out).all()

@@ -378,6 +378,6 @@ def test_freeze_all_but_zero_keeps_head_trainable(tiny_model):
 def test_strategy_names_are_validated():
     assert get_strategy("probe").name == "linear-probe"
     assert get_strategy("PARTIAL:3").name == "partial:3"
-    for bad in ("partial:0", "partial:x", "lora", ""):
+    for bad in ("partial:0", "partial:x", "lorax", ""):
         with pytest.raises(AffinageError, match="unknown strategy"):
             get_strategy(bad)

@@ -81,6 +81,8 @@ class ImageClassifier(nn.Module):
         self.head_hidden = head_hidden
         self.head: nn.Module = nn.Identity()
         self.reset_classifier(num_classes, head_hidden)
+        # (weight, bias) of the checkpoint's own classifier when it had one; not part of the state dict
+        self.pretrained_head: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -180,7 +182,19 @@ def _wrap(backbone: nn.Module, spec: BackboneSpec, pp: Preprocessing, num_classe
         stem, blocks, no_decay = _timm_groups(backbone)
     else:
         stem, blocks, no_decay = _module_list_groups(backbone)
-    return ImageClassifier(backbone, num_features, num_classes, blocks, stem, no_decay, pp, spec, head_hidden)
+    model = ImageClassifier(backbone, num_features, num_classes, blocks, stem, no_decay, pp, spec, head_hidden)
+    head = backbone.__dict__.pop("_pretrained_head", None)
+    if head is not None and head[0].shape[1] == num_features:
+        model.__dict__["pretrained_head"] = head
+    return model
+
+
+def _keep_pretrained_head(model: nn.Module, classifier: Any) -> None:
+    """Remember the checkpoint's own classifier (e.g. ImageNet's 1000 classes) as plain tensors, outside the
+    state dict: `auto` reads how sure the backbone is about the new images from it."""
+    if isinstance(classifier, nn.Linear) and classifier.out_features > 2:
+        bias = classifier.bias if classifier.bias is not None else torch.zeros(classifier.out_features)
+        model.__dict__["_pretrained_head"] = (classifier.weight.detach().clone(), bias.detach().clone())
 
 
 def _builtin(name: str, pretrained: bool) -> tuple[nn.Module, BackboneSpec, Preprocessing]:
@@ -203,6 +217,7 @@ def _builtin(name: str, pretrained: bool) -> tuple[nn.Module, BackboneSpec, Prep
             raise AffinageError(f"weights in {files[0]} do not match timm's {arch}", "reinstall the weights package")
         # The package's keys follow another naming; they map onto timm's in order, shape for shape.
         model.load_state_dict(dict(zip(target.keys(), source.values())), strict=True)
+    _keep_pretrained_head(model, model.get_classifier())
     model.reset_classifier(0)
     return model, BackboneSpec("timm", arch, name), _timm_preprocessing(model)
 
@@ -214,10 +229,13 @@ def _timm(name: str, origin: str, pretrained: bool, **kwargs: Any) -> tuple[nn.M
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
         raise AffinageError(f"timm has no model '{name}'", f"pick an exact timm name (e.g. {', '.join(close) or 'resnet50'})")
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as exc:  # network, missing weights
         raise AffinageError(f"cannot load timm model '{name}': {str(exc).splitlines()[0][:200]}",
                             "check your network / HF cache, or pass a local folder with the weights") from exc
+    if pretrained:
+        _keep_pretrained_head(model, model.get_classifier())
+    model.reset_classifier(0)
     arch = name.split(".")[0]
     return model, BackboneSpec("timm", arch, origin, timm_kwargs={k: v for k, v in kwargs.items()
                                                                      if k != "pretrained_cfg_overlay"}), \
@@ -268,7 +286,10 @@ def _hf(name: str, origin: str, pretrained: bool, trust_remote_code: bool,
                             "check the model id and your network (or HF_HUB_OFFLINE cache), or pass a local folder") from exc
     if pretrained:
         try:
-            model = AutoModelForImageClassification.from_pretrained(name, trust_remote_code=trust_remote_code).base_model
+            full = AutoModelForImageClassification.from_pretrained(name, trust_remote_code=trust_remote_code)
+            model = full.base_model
+            if getattr(full.config, "num_labels", 0) > 2:  # a real classifier (ImageNet...), not a fresh random one
+                _keep_pretrained_head(model, getattr(full, "classifier", None))
         except (ValueError, KeyError, OSError):
             extra = {"add_pooling_layer": False} if _skips_pooler(config) else {}
             model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code, **extra)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -26,9 +27,13 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
                    help="backbone: efficientnet_lite0 / efficientnet_lite2 (built-in, offline), timm:<name>, "
                         "hf:<org/name>, or a local folder with config.json + weights (default: %(default)s)")
     g.add_argument("--strategy", default=DEMO_STRATEGY,
-                   help=f"one of {', '.join(STRATEGY_NAMES)} (default: %(default)s)")
+                   help=f"one of {', '.join(STRATEGY_NAMES)}; auto picks one from data size and domain distance and "
+                        "says why (default: %(default)s)")
     g.add_argument("--out", default=None, help="new run directory (default: runs/<date-time>-<strategy>); "
                                                "an existing non-empty directory is refused")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its last checkpoint (same options required; "
+                        "the result is identical to an uninterrupted run)")
     g.add_argument("--seed", type=int, default=0, help="seed for splits, init and data order (default: 0)")
     h = p.add_argument_group("hyper-parameters (defaults depend on the strategy)")
     h.add_argument("--epochs", type=int, help="training epochs")
@@ -36,6 +41,11 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
     h.add_argument("--batch-size", type=int, help="images per step (default: 32, 128 on cached features)")
     h.add_argument("--weight-decay", type=float, help="AdamW weight decay (never on biases/norms)")
     h.add_argument("--layer-decay", type=float, help="LR multiplier per block going down from the head, in (0, 1]")
+    h.add_argument("--lr-min", type=float, help="discriminative LRs: the lowest trained block gets this LR, the blocks "
+                                               "between are spread geometrically up to --lr (fastai's slice(lr_min, lr)); "
+                                               "replaces --layer-decay")
+    h.add_argument("--lora-rank", type=int, default=8, help="LoRA adapter rank (strategy lora; default: %(default)s)")
+    h.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scaling alpha (default: %(default)s)")
     h.add_argument("--label-smoothing", type=float, default=0.1, help="default: %(default)s")
     h.add_argument("--augment", choices=AUGMENT_PRESETS, default="light", help="augmentation preset (default: light)")
     h.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warmup before cosine decay (default: 0.5)")
@@ -59,23 +69,43 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
     d.add_argument("--no-pretrained", action="store_true", help="random init instead of pretrained weights")
     d.add_argument("--trust-remote-code", action="store_true", help="allow custom code from a Hub model repo")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    t = p.add_argument_group("trustworthy results")
+    t.add_argument("--target", action="append", default=[], metavar="EXPR", dest="targets",
+                   help="a goal checked on the test split, e.g. accuracy>=0.95, recall[tulip]>=0.9, specificity>=0.9, "
+                        "macro_f1>=0.9 (repeatable); PASS/FAIL is printed and saved in metrics.json")
+    t.add_argument("--fail-on-target", action="store_true", help="exit with status 1 when a --target is missed")
+    t.add_argument("--drop-leaks", action="store_true",
+                   help="remove val/test images that duplicate an image of an earlier split (listed in leaks.csv)")
+    t.add_argument("--country", default="FRA", help="ISO 3166-1 alpha-3 code of the grid, for the CO2 figure "
+                                                   "(default: %(default)s)")
+    t.add_argument("--water-factor", type=float, default=1.8, dest="water_l_per_kwh", metavar="L_PER_KWH",
+                   help="litres of water per kWh (default: %(default)s, US data-centre average on-site WUE)")
 
 
 def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("seed", "epochs", "lr", "batch_size", "weight_decay", "layer_decay", "label_smoothing", "augment",
             "warmup_epochs", "patience", "head_init", "image_size", "grad_accum", "val_fraction", "test_fraction",
-            "splits_from", "group_by", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size")
+            "splits_from", "group_by", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha")
     kwargs = {k: getattr(args, k) for k in keys}
     kwargs["pretrained"] = not args.no_pretrained
+    kwargs["resume"] = args.resume
+    kwargs.update(targets=list(args.targets), drop_leaks=args.drop_leaks, country=args.country,
+                  water_l_per_kwh=args.water_l_per_kwh)
     return kwargs
+
+
+def _target_status(args: argparse.Namespace, run: Any) -> int:
+    """1 when --fail-on-target is set and a target was missed (the PASS/FAIL lines are already printed)."""
+    missed = [t for t in run.metrics.get("targets", []) if not t["passed"]]
+    return 1 if args.fail_on_target and missed else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .run import finetune
 
-    finetune(data=args.data, model=args.model, strategy=args.strategy, out=args.out, progress=not args.quiet,
-             **_train_kwargs(args))
-    return 0
+    run = finetune(data=args.data, model=args.model, strategy=args.strategy, out=args.out, progress=not args.quiet,
+                   **_train_kwargs(args))
+    return _target_status(args, run)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -84,24 +114,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run = finetune(data=args.data, model=args.model, strategy=args.strategy, out=args.out, progress=not args.quiet,
                    **_train_kwargs(args))
     print(f"demo done: try `affinage predict {run.path} IMAGE --top-k 3`")
-    return 0
+    return _target_status(args, run)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .predict import CsvWriter, expand_inputs, iter_predictions, text_line
     from .run import Run
 
+    if args.top_k < 1:
+        raise AffinageError(f"--top-k must be >= 1, got {args.top_k}", "pass --top-k 5 (or any positive number)")
     run = Run.load(args.run)
-    results = run.predict(args.images, top_k=args.top_k)
+    files, unmatched = expand_inputs(args.images)
+    if not files:
+        raise AffinageError(f"no files found in {', '.join(args.images)}",
+                            "pass image files, folders (searched recursively) or quoted globs such as 'photos/**/*.jpg'")
+    k = min(args.top_k, len(run.classes))
+    table = CsvWriter(sys.stdout, k) if args.csv else None
+    results: list[dict[str, Any]] = []
+    predictions = iter_predictions(run, files, top_k=k, batch_size=args.batch_size,
+                                   progress=not args.quiet and sys.stderr.isatty())
+    for r in itertools.chain(({"file": a, "error": why} for a, why in unmatched), predictions):
+        results.append(r)
+        if table is not None:
+            table.write(r)
+        elif not args.json:
+            tqdm.write(text_line(r), file=sys.stdout)  # above the progress bar, not through it
     if args.json:
         print(json.dumps(results, indent=2))
-    else:
-        for r in results:
-            if "error" in r:
-                print(f"{r['file']}: skipped ({r['error']})")
-            else:
-                tops = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
-                print(f"{r['file']}: {r['label']} — {r['probability']:.3f}   [{tops}]")
-    return 1 if all("error" in r for r in results) else 0
+    skipped = sum("error" in r for r in results)
+    if skipped:
+        print(f"affinage: skipped {skipped} of {len(results)} file(s), each listed with the reason", file=sys.stderr)
+    return 1 if skipped == len(results) else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.run, host=args.host, port=args.port, top_k=args.top_k, max_upload_mb=args.max_upload_mb,
+          concurrency=args.concurrency)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    export_run(args.run, args.format, args.out, opset=args.opset)
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -109,13 +169,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     test = evaluate_run(args.run, progress=not args.json)
     saved = Run.load(args.run).metrics.get("test", {})
-    same = {k: test[k] == saved.get(k) for k in ("accuracy", "loss", "macro_f1")}
+    # Predictions must match exactly; the loss may move in its last digits when the thread count differs.
+    same = {k: test[k] == saved.get(k) for k in ("accuracy", "macro_f1", "confusion_matrix")}
+    same["loss"] = abs(test["loss"] - saved.get("loss", float("nan"))) <= 1e-6 * max(1.0, abs(test["loss"]))
     if args.json:
-        print(json.dumps({"test": test, "matches_training_run": all(same.values())}, indent=2))
+        print(json.dumps({"test": test, "matches_training_run": all(same.values()),
+                          "training_run_accuracy": saved.get("accuracy")}, indent=2))
     else:
         print(f"test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f}, macro F1 {test['macro_f1']:.4f} "
               f"(n={test['n']}); {'identical to' if all(same.values()) else 'DIFFERS from'} the training-time figures")
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(f"report: {write_report(args.run)}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+
+    result = reproduce(args.run, out=args.out, progress=not args.quiet)
+    if result["identical"]:
+        print(f"identical: every test figure and the whole history match ({result['hardware']}); rerun in {result['out']}")
+        return 0
+    print(f"DIFFERENT ({result['hardware']}); rerun in {result['out']}:")
+    for line in result["differences"]:
+        print(f"  {line}")
+    return 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .compare import compare
+
+    extra = shlex.split(args.train_args or "")
+    if args.image_size:
+        extra += ["--image-size", str(args.image_size)]
+    result = compare(data=args.data, model=args.model, strategies=[s for s in args.strategies.split(",") if s.strip()],
+                     out=args.out, targets=args.target or [], seed=args.seed, train_args=extra, progress=not args.quiet)
+    return 0 if result.cheapest is not None or not args.target else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,16 +237,81 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="label images with a trained run", description="Predict labels for image files "
                        "with the model of a run directory (same preprocessing as training).")
     p.add_argument("run", help="run directory written by `affinage train`")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+",
+                   help="image files, folders (searched recursively) or quoted globs such as 'photos/**/*.jpg'")
     p.add_argument("--top-k", type=int, default=5, help="labels to list per image (default: 5)")
-    p.add_argument("--json", action="store_true", help="JSON: one object per image with label and top_k")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="JSON: one object per image with label, probability and top_k")
+    fmt.add_argument("--csv", action="store_true", help="CSV: file,label,probability[,label_2,probability_2...],error")
+    p.add_argument("--batch-size", type=int, default=32, help="images decoded and predicted together (default: 32)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="a local web page and API that label uploaded photos",
+                       description="Serve a run directory as a Gradio page (drop a photo, see the top labels) with a "
+                                   "/predict API, using the run's own preprocessing. Local only unless --host says "
+                                   "otherwise; never a public share link; no analytics.")
+    p.add_argument("run", help="run directory written by `affinage train`")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s, this machine only; "
+                                                       "0.0.0.0 exposes it to the network without authentication)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=5, help="labels shown per photo (default: %(default)s)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="requests handled at once; the model batches those that arrive together (default: %(default)s)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="write the model as ONNX, transformers or timm, loadable without affinage",
+                       description="Export a run's model to a folder that loads without affinage (onnxruntime, "
+                                   "transformers from_pretrained, or timm create_model('local-dir:...')), with "
+                                   "config.json (label map), preprocessor_config.json and a model card. The export "
+                                   "is reloaded and compared with the run's model before the folder is written.")
+    p.add_argument("run", help="run directory written by `affinage train`")
+    p.add_argument("--format", required=True, help="onnx (any run), hf (transformers backbones, and timm ones through "
+                                                   "transformers' TimmWrapper) or timm (timm and built-in backbones)")
+    p.add_argument("--out", required=True, help="new folder to write (an existing non-empty one is refused)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default: %(default)s)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="re-evaluate a run on its saved test split", description="Reload a run directory "
                        "and re-evaluate it on its test split; reports whether it matches the training-time figures.")
     p.add_argument("run", help="run directory")
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="(re)write report.html of a run", description="Rebuild the self-contained "
+                       "report.html of a run directory (curves, confusion matrix, per-class and per-group metrics, "
+                       "calibration, leaks, targets, diagnosis, footprint) from its files alone.")
+    p.add_argument("run", help="run directory")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("reproduce", help="re-run a run from its directory and check the figures are identical",
+                       description="Train again from the run directory alone (config.yaml, seed and split lists) into "
+                                   "a sibling directory and compare test metrics and history; prints 'identical' or "
+                                   "the figures that differ (exit 1). On CPU the test metrics are bit-identical.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", default=None, help="directory of the rerun (default: RUN-reproduce-<date-time> beside RUN)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_reproduce)
+
+    from .compare import DEFAULT_STRATEGIES
+
+    p = sub.add_parser("compare", help="run several strategies on the same split and compare accuracy, time, energy",
+                       description="Every strategy on the same data, split and seed, each as its own `affinage train` "
+                                   "run; writes compare.csv, compare.md and compare.png (accuracy vs wall time, point "
+                                   "size = energy) and names the cheapest strategy that meets the targets.")
+    p.add_argument("--data", required=True, help="as for `affinage train`")
+    p.add_argument("--model", default=DEMO_MODEL, help="backbone, as for `affinage train` (default: %(default)s)")
+    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                   help="comma-separated strategies (default: %(default)s)")
+    p.add_argument("--target", action="append", metavar="EXPR",
+                   help="e.g. accuracy>=0.95 (repeatable); the cheapest strategy meeting all of them is named")
+    p.add_argument("--out", default=None, help="new directory for the comparison and its runs")
+    p.add_argument("--seed", type=int, default=0, help="seed shared by every run (default: 0)")
+    p.add_argument("--image-size", type=int, help="input size for every run (default: the checkpoint's)")
+    p.add_argument("--train-args", help="more `affinage train` options for every run, quoted, e.g. \"--epochs 5\"")
+    p.add_argument("--quiet", action="store_true", help="no progress bars in the runs")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -161,6 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     func: Callable[[argparse.Namespace], int] = args.func
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        from .data import PRINTABLE_ERRORS
+
+        sys.stdout.reconfigure(errors=PRINTABLE_ERRORS)  # file names need not be UTF-8: print \xNN, never crash
     try:
         return func(args)
     except AffinageError as exc:

@@ -10,7 +10,7 @@ import yaml
 
 from .errors import AffinageError
 
-STRATEGY_NAMES = ("linear-probe", "head", "partial:N", "full", "progressive")
+STRATEGY_NAMES = ("linear-probe", "head", "partial:N", "full", "progressive", "lora", "auto")
 AUGMENT_PRESETS = ("none", "light", "strong")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -20,7 +20,7 @@ def check_strategy(name: str) -> str:
     name = name.strip().lower()
     if name in ("linear-probe", "linear_probe", "probe"):
         return "linear-probe"
-    if name in ("head", "full", "progressive"):
+    if name in ("head", "full", "progressive", "lora", "auto"):
         return name
     match = re.fullmatch(r"partial:(\d+)", name)
     if match and int(match.group(1)) >= 1:
@@ -59,6 +59,14 @@ class TrainConfig:
     splits_from: str | None = None  # a run directory whose split lists to reuse
     group_by: str | None = None
     trust_remote_code: bool = False
+    lr_min: float | None = None  # discriminative LRs: the lowest trained block's LR (fastai's slice(lr_min, lr)); overrides layer_decay
+    lora_rank: int = 8  # LoRA adapter rank (strategy lora)
+    lora_alpha: float = 16.0
+    targets: list[str] = field(default_factory=list)  # e.g. ["accuracy>=0.95", "recall[tulip]>=0.9"], checked on test
+    drop_leaks: bool = False  # remove val/test images that duplicate a train image (see leaks.csv)
+    country: str = "FRA"  # ISO 3166-1 alpha-3 code for codecarbon's offline carbon intensity
+    water_l_per_kwh: float = 1.8  # litres of water per kWh: US data-centre average on-site WUE (see footprint.py)
+    resume: bool = False  # continue an interrupted run in the same --out from its last checkpoint
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -80,6 +88,11 @@ class TrainConfig:
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise AffinageError(f"val/test fractions {self.val_fraction}/{self.test_fraction} do not leave a train split",
                                 "use fractions in (0, 1) that sum to less than 1, e.g. 0.15 and 0.15")
+        if self.lr_min is not None and not self.lr_min > 0:
+            raise AffinageError(f"lr_min must be > 0, got {self.lr_min}", "pass e.g. --lr-min 1e-5")
+        if self.lora_rank < 1 or not self.lora_alpha > 0:
+            raise AffinageError(f"LoRA rank {self.lora_rank} / alpha {self.lora_alpha} invalid",
+                                "pass --lora-rank 1 or more and a positive --lora-alpha (e.g. 8 and 16)")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise AffinageError(f"layer_decay must be in (0, 1], got {self.layer_decay}", "pass e.g. --layer-decay 0.8")
         if not 0 <= self.label_smoothing < 1:

@@ -5,10 +5,14 @@ so the pixels a model is evaluated on are produced by one implementation.
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import errno
 import io
 import os
 import re
+import stat
+import threading
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +33,11 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
 # placeholder ("image not found") or an animation, not a photo of the class.
 PHOTO_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"}
 MAX_IMAGE_PIXELS = 64_000_000  # above this a file is treated as a decompression bomb and skipped
+MAX_FILE_BYTES = 512 * 2**20  # larger files are not read into memory (no photo format needs that much)
+# File names that are not UTF-8 (Linux allows any bytes) live in str as surrogate escapes (os.fsdecode).
+# CSVs that list paths write and read them back as the raw bytes, so split lists round-trip exactly.
+PATH_ERRORS = "surrogateescape"
+MAX_STRIP = 64  # aspect ratio above which only the centre square of an image is resized (memory bound)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,9 +67,52 @@ class LabelledImages:
         return sorted({s.label for s in self.samples})
 
 
+def read_image_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of an image file, or UnreadableImage naming why not (missing, a folder, a link loop, a pipe, too big)."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise UnreadableImage(_os_reason(exc, path)) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UnreadableImage("a folder, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise UnreadableImage("not a regular file (device, pipe or socket)")  # reading a pipe could block forever
+    if info.st_size > MAX_FILE_BYTES:
+        raise UnreadableImage(f"file too large ({info.st_size / 2**20:,.0f} MiB; over {MAX_FILE_BYTES // 2**20} MiB)")
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise UnreadableImage(_os_reason(exc, path)) from None
+
+
+def _os_reason(exc: OSError, path: str | os.PathLike[str] | None = None) -> str:
+    if exc.errno == errno.ELOOP:
+        return "cannot be read: symbolic link loop"
+    if exc.errno == errno.ENOENT and path is not None and os.path.islink(path):
+        return "cannot be read: broken symbolic link (its target does not exist)"
+    return f"cannot be read: {exc.strerror or exc}"
+
+
 def _read_file(sample: Sample) -> bytes:
-    with open(sample.key, "rb") as fh:
-        return fh.read()
+    return read_image_file(sample.key)
+
+
+def _escape_unencodable(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: a byte of a non-UTF-8 file name (surrogate escape) -> \\xNN; any other -> \\uNNNN."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    bad = exc.object[exc.start:exc.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}" for c in bad), exc.end
+
+
+PRINTABLE_ERRORS = "affinage.escape"  # for streams: sys.stdout.reconfigure(errors=PRINTABLE_ERRORS)
+codecs.register_error(PRINTABLE_ERRORS, _escape_unencodable)
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on any terminal: bytes of non-UTF-8 file names are shown as \\xNN."""
+    return text.encode("utf-8", PRINTABLE_ERRORS).decode("utf-8")
 
 
 def load_source(spec: str, group_by: str | None = None) -> LabelledImages:
@@ -100,21 +152,62 @@ def _check_classes(images: LabelledImages, spec: str) -> None:
                             "add a folder (or CSV rows) for at least one more class")
 
 
-def _list_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """All regular files below `folder` (symlinks to files followed once), sorted; and what cannot be listed."""
-    files, skipped = [], []
-    for root, dirs, names in os.walk(folder, followlinks=False):
-        dirs.sort()
+def check_usable(samples: Sequence[Sample], spec: str, skipped_list: str | os.PathLike[str]) -> None:
+    """After decoding: refuse data where fewer than two classes kept a readable image."""
+    classes = sorted({s.label for s in samples})
+    if not classes:
+        raise AffinageError(f"none of the images in '{spec}' could be read", f"see {skipped_list} for the reasons")
+    if len(classes) < 2:
+        raise AffinageError(f"only one class ({classes[0]}) of '{spec}' has readable images; a classifier needs at least two",
+                            f"replace the unreadable files listed in {skipped_list}")
+
+
+def list_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """All regular files below `folder`, sorted, symbolic links followed but each folder listed once (link loops
+    are cut); and what cannot be used, with the reason."""
+    files: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+
+    def unlistable(exc: OSError) -> None:
+        skipped.append((str(exc.filename or folder), f"folder cannot be listed: {exc.strerror or exc}"))
+
+    try:
+        info = os.stat(folder)
+    except OSError as exc:
+        return [], [(str(folder), _os_reason(exc, folder))]
+    seen = {(info.st_dev, info.st_ino)}
+    for root, dirs, names in os.walk(folder, followlinks=True, onerror=unlistable):
+        kept = []
+        for name in sorted(dirs):
+            p = os.path.join(root, name)
+            try:
+                info = os.stat(p)
+            except OSError as exc:
+                skipped.append((p, _os_reason(exc, p)))
+                continue
+            if (info.st_dev, info.st_ino) in seen:
+                skipped.append((p, "symbolic link to a folder already listed (a loop or a duplicate): not followed"))
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            kept.append(name)
+        dirs[:] = kept
         for name in sorted(names):
             p = Path(root) / name
-            try:
-                if p.is_file():
-                    files.append(p)
-                else:
-                    skipped.append((str(p), "not a regular file (broken link or special file)"))
-            except OSError as exc:  # e.g. a symlink loop
-                skipped.append((str(p), f"cannot be opened: {exc.strerror or exc}"))
+            problem = _file_problem(p)
+            if problem is None:
+                files.append(p)
+            else:
+                skipped.append((str(p), problem))
     return files, skipped
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why `path` cannot be an image file, or None for a regular file (following symbolic links)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return _os_reason(exc, path)
+    return None if stat.S_ISREG(mode) else "not a regular file (device, pipe or socket)"
 
 
 def _class_folders(root: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
@@ -122,13 +215,13 @@ def _class_folders(root: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
     skipped: list[tuple[str, str]] = []
     for entry in sorted(root.iterdir()):
         if entry.is_dir():
-            files, bad = _list_files(entry)
+            files, bad = list_files(entry)
             skipped += bad
             if not files:
                 skipped.append((str(entry), "empty class folder: the class is left out"))
             samples += [Sample(str(f), entry.name) for f in files]
         else:
-            skipped.append((str(entry), "not inside a class folder"))
+            skipped.append((str(entry), _file_problem(entry) or "not inside a class folder"))
     return samples, skipped
 
 
@@ -153,11 +246,19 @@ def _load_folder(root: Path) -> LabelledImages:
 
 def _load_csv(path: Path) -> LabelledImages:
     base = path.parent
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    try:
+        return _read_csv_rows(path, base)
+    except csv.Error as exc:
+        raise AffinageError(f"CSV '{path}' cannot be parsed: {exc}",
+                            "save it as plain CSV text with a header line path,label[,split][,group]") from None
+
+
+def _read_csv_rows(path: Path, base: Path) -> LabelledImages:
+    with open(path, newline="", encoding="utf-8-sig", errors=PATH_ERRORS) as fh:
         reader = csv.DictReader(fh)
         columns = [c.strip().lower() for c in (reader.fieldnames or [])]
         if "path" not in columns or "label" not in columns:
-            raise AffinageError(f"CSV '{path}' has columns {columns}, it needs path and label",
+            raise AffinageError(f"CSV '{path}' has columns {str(columns)[:200]}, it needs path and label",
                                 "write a header line: path,label[,split][,group]")
         samples = []
         for line, row in enumerate(reader, start=2):
@@ -278,37 +379,49 @@ class UnreadableImage(Exception):
     """A file that cannot be used as a photo; the message is the reason listed in the run."""
 
 
+# Image.open only parses the header; it is serialised so that silencing Pillow's bomb warning (a process-wide
+# filter) cannot race between decoding threads. The size is checked here instead, before any pixel is decoded.
+_OPEN_LOCK = threading.Lock()
+
+
 def open_image(data: bytes, draft_size: int | None = None) -> "Image.Image":  # noqa: F821
     """Decode bytes into an upright RGB PIL image, or raise UnreadableImage with the reason."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise UnreadableImage("empty file (0 bytes)")
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    too_large = f"image too large (over {MAX_IMAGE_PIXELS:,} pixels: possible decompression bomb)"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            if img.format not in PHOTO_FORMATS:
-                hint = "; GIF is not used (usually a placeholder or animation): convert it to PNG to include it" \
-                    if img.format == "GIF" else ""
-                raise UnreadableImage(f"unsupported image format {img.format}{hint}")
-            if draft_size and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))  # DCT-domain downscale: decoding large JPEGs 2-8x faster
-            img.load()
-            img = ImageOps.exif_transpose(img)
+        if img.format not in PHOTO_FORMATS:
+            hint = "; GIF is not used (usually a placeholder or animation): convert it to PNG to include it" \
+                if img.format == "GIF" else ""
+            raise UnreadableImage(f"unsupported image format {img.format}{hint}")
+        width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise UnreadableImage(f"{too_large}: declared {width:,}x{height:,}")
+        if width < 1 or height < 1:
+            raise UnreadableImage(f"image has no pixels ({width}x{height})")
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))  # DCT-domain downscale: decoding large JPEGs 2-8x faster
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
     except UnreadableImage:
         raise
     except UnidentifiedImageError:
         raise UnreadableImage("not an image (unrecognised file content)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UnreadableImage(f"image too large (over {MAX_IMAGE_PIXELS:,} pixels: possible decompression bomb)") from None
+    except Image.DecompressionBombError:
+        raise UnreadableImage(too_large) from None
     except (OSError, SyntaxError, ValueError) as exc:
         msg = str(exc)
         lowered = msg.lower()
         reason = "truncated or corrupt image data" if "truncated" in lowered or "broken" in lowered else f"cannot decode: {msg}"
         raise UnreadableImage(reason) from None
-    return _to_rgb(img)
+    except Exception as exc:  # malformed files can make any decoder raise (struct.error, IndexError, MemoryError, ...)
+        raise UnreadableImage(f"cannot decode: {type(exc).__name__}: {exc}") from None
 
 
 def _to_rgb(img: "Image.Image") -> "Image.Image":  # noqa: F821
@@ -344,9 +457,14 @@ def prepare_image(img: "Image.Image", pp: Preprocessing) -> np.ndarray:  # noqa:
     else:
         scale = side / min(w, h)
         nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
-        img = img.resize((nw, nh), resample)
-        left, top = (nw - side) // 2, (nh - side) // 2
-        img = img.crop((left, top, left + side, top + side))
+        if max(nw, nh) > MAX_STRIP * side:  # a thin strip (e.g. 1x50000): resizing it whole could take gigabytes,
+            cw, ch = min(w, h), min(w, h)  # so only its centre square is resized
+            box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+            img = img.resize((side, side), resample, box=box)
+        else:
+            img = img.resize((nw, nh), resample)
+            left, top = (nw - side) // 2, (nh - side) // 2
+            img = img.crop((left, top, left + side, top + side))
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
@@ -424,8 +542,10 @@ def decode_all(images: LabelledImages, pp: Preprocessing, workers: int | None = 
 def _hash_sample(images: LabelledImages, sample: Sample) -> str | UnreadableImage:
     try:
         return digest(images.read_bytes(sample))
+    except UnreadableImage as exc:
+        return exc
     except OSError as exc:
-        return UnreadableImage(f"cannot be read: {exc.strerror or exc}")
+        return UnreadableImage(_os_reason(exc))
 
 
 def _progress(it: Iterable[Any], total: int, desc: str, enabled: bool) -> Iterable[Any]:
@@ -506,7 +626,8 @@ def write_split_lists(folder: Path, samples: Sequence[Sample], hashes: Sequence[
     """One CSV per split: path,label,group,sha (content hash) -- the exact lists a rerun reuses."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, idx in splits.items():
-        with atomic_path(folder / f"{name}.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        with atomic_path(folder / f"{name}.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                                            errors=PATH_ERRORS) as fh:
             w = csv.writer(fh)
             w.writerow(["path", "label", "group", "sha"])
             for i in idx:
@@ -521,7 +642,7 @@ def read_split_lists(folder: Path, samples: Sequence[Sample]) -> Splits:
         path = folder / f"{name}.csv"
         if not path.exists():
             raise AffinageError(f"split list '{path}' is missing", "point --splits-from at a complete affinage run directory")
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
             keys = [row["path"] for row in csv.DictReader(fh)]
         missing = [k for k in keys if k not in position]
         if missing:
@@ -532,7 +653,8 @@ def read_split_lists(folder: Path, samples: Sequence[Sample]) -> Splits:
 
 
 def write_skipped(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+    """skipped_files.csv: path,reason for every file that is in no split."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
         w = csv.writer(fh)
         w.writerow(["path", "reason"])
         w.writerows(skipped)
@@ -570,7 +692,8 @@ def train_transform(pp: Preprocessing, preset: str, size: int | None = None) -> 
     ops: list[Any] = [v2.RandomResizedCrop(size, scale=(0.35, 1.0), interpolation=interpolation, antialias=True),
                       v2.RandomHorizontalFlip()]
     if preset == "strong":
-        ops.append(v2.TrivialAugmentWide(interpolation=interpolation))
+        # its rotations/shears run on tensors, which torchvision supports only with nearest or bilinear
+        ops.append(v2.TrivialAugmentWide(interpolation=v2.InterpolationMode.BILINEAR))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pp.mean), list(pp.std))]
     if preset == "strong":
         ops.append(v2.RandomErasing(p=0.25))

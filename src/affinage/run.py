@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -17,31 +18,32 @@ import numpy as np
 
 from .config import TrainConfig
 from .data import (
+    PATH_ERRORS,
     DecodedImages,
     PixelDataset,
     Preprocessing,
     Sample,
     Splits,
-    UnreadableImage,
+    check_usable,
     class_counts,
     decode_all,
     eval_transform,
-    load_pixels,
     load_source,
     make_splits,
+    printable,
     read_split_lists,
     train_transform,
     write_skipped,
     write_split_lists,
 )
 from .errors import AffinageError
-from .storage import read_json, write_json, write_text
+from .storage import digest, read_json, write_json, write_text
 
 MODEL_DIR = "model"
 
 
 def _say(msg: str) -> None:
-    print(msg, flush=True)
+    print(printable(msg), flush=True)
 
 
 def prepare_run_dir(out: str | os.PathLike[str] | None, strategy: str) -> Path:
@@ -53,6 +55,34 @@ def prepare_run_dir(out: str | os.PathLike[str] | None, strategy: str) -> Path:
         raise AffinageError(f"run directory '{path}' already exists and is not empty",
                             "choose a new --out, or move the old run away (affinage never overwrites a run)")
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resume_run_dir(out: str | os.PathLike[str] | None, cfg: TrainConfig) -> Path:
+    """`--resume`: the run directory of an interrupted run made with the same config, holding a checkpoint."""
+    import yaml
+
+    from .train import CHECKPOINT_DIR
+
+    if out is None:
+        raise AffinageError("--resume needs the run directory to continue", "pass --out RUN, the interrupted run's directory")
+    path = Path(out)
+    if not (path / "config.yaml").is_file():
+        raise AffinageError(f"'{path}' is not an affinage run directory (no config.yaml), so it cannot be resumed",
+                            "pass the --out of the interrupted run, or drop --resume to start a new run")
+    saved = TrainConfig.from_dict(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}).to_dict()
+    wanted = cfg.to_dict()
+    changed = [k for k in wanted if k != "resume" and saved.get(k) != wanted[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} in the run, {wanted[k]!r} now" for k in changed)
+        raise AffinageError(f"--resume with options that differ from the interrupted run's config.yaml ({diffs})",
+                            f"resume with the same options as {path / 'config.yaml'}, or drop --resume and use a new --out")
+    if not any((path / CHECKPOINT_DIR).glob("*.pt")):
+        if (path / MODEL_DIR / "model.json").exists() and (path / "metrics.json").exists():
+            raise AffinageError(f"run '{path}' has already finished; there is nothing to resume",
+                                "use it as it is (affinage predict/eval), or train again with a new --out")
+        raise AffinageError(f"run '{path}' has no checkpoint to resume from (it stopped before its first epoch ended)",
+                            "start it again: remove that directory or choose a new --out, without --resume")
     return path
 
 
@@ -138,28 +168,9 @@ class Run:
 
     def predict(self, files: Sequence[str], top_k: int = 5) -> list[dict[str, Any]]:
         """Top-k labels with probabilities per image file; unreadable files get an `error` instead."""
-        from .evaluate import softmax
+        from .predict import predict_files
 
-        results: list[dict[str, Any]] = [{} for _ in files]
-        arrays, positions = [], []
-        for i, f in enumerate(files):
-            try:
-                with open(f, "rb") as fh:
-                    arrays.append(load_pixels(fh.read(), self.preprocessing))
-                positions.append(i)
-            except UnreadableImage as exc:
-                results[i] = {"file": str(f), "error": str(exc)}
-            except OSError as exc:
-                results[i] = {"file": str(f), "error": f"cannot be read: {exc.strerror or exc}"}
-        if arrays:
-            probs = softmax(self.logits(np.stack(arrays)))
-            k = max(1, min(top_k, len(self.classes)))
-            for row, i in zip(probs, positions):
-                order = np.argsort(-row, kind="stable")[:k]
-                top = [{"label": self.classes[j], "probability": float(row[j])} for j in order]
-                results[i] = {"file": str(files[i]), "label": top[0]["label"], "probability": top[0]["probability"],
-                              "top_k": top}
-        return results
+        return predict_files(self, files, top_k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,12 +184,29 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "line
     >>> run = finetune(data="digits", model="efficientnet_lite0", strategy="linear-probe", out="runs/digits")
     >>> run.metrics["test"]["accuracy"]
     """
+    from .footprint import FootprintTracker
+    from .targets import parse_targets
+
+    cfg = TrainConfig(data=str(data), model=model, strategy=strategy, **options)
+    parse_targets(cfg.targets)  # a typo in --target fails now, not after training
+    footprint = FootprintTracker(cfg.country, cfg.water_l_per_kwh).start()  # energy, CO2 and water of the whole run
+    try:
+        return _finetune(data, model, strategy, out, progress, log, footprint, **options)
+    finally:
+        footprint.stop()
+
+
+def _finetune(data: str, model: str, strategy: str, out: str | os.PathLike[str] | None, progress: bool,
+              log: Callable[[str], None], footprint: Any, **options: Any) -> Run:
     import torch
 
     from .backbones import create_model, fingerprint
-    from .evaluate import classification_metrics
-    from .strategies import get_strategy, set_norms_eval
+    from .diagnosis import diagnose, format_findings
+    from .evaluate import calibration, classification_metrics, group_metrics
+    from .strategies import choose_strategy, get_strategy, set_norms_eval
+    from .targets import check_targets, format_result, parse_targets
     from .train import (
+        CHECKPOINT_DIR,
         LoopSettings,
         cached_features,
         default_device,
@@ -190,15 +218,20 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "line
 
     t_start = time.perf_counter()
     cfg = TrainConfig(data=str(data), model=model, strategy=strategy, **options)
-    strat = get_strategy(cfg.strategy)
+    auto = cfg.strategy == "auto"
+    strat = get_strategy("linear-probe" if auto else cfg.strategy)  # auto: decided once the features are known
     images = load_source(cfg.data, cfg.group_by)  # validates the data path before anything slow
+    parse_targets(cfg.targets, images.classes)  # a class named in --target must exist, checked before any run dir
     t0 = time.perf_counter()
     net = create_model(cfg.model, num_classes=2, pretrained=cfg.pretrained, head_hidden=strat.head_hidden,
                        image_size=cfg.image_size, trust_remote_code=cfg.trust_remote_code)
     pp = net.preprocessing
     model_seconds = time.perf_counter() - t0
-    run_dir = prepare_run_dir(out, cfg.strategy)
-    write_text(run_dir / "config.yaml", cfg.to_yaml())
+    if cfg.resume:
+        run_dir = resume_run_dir(out, cfg)  # its config.yaml is the same; the checkpoints carry the progress
+    else:
+        run_dir = prepare_run_dir(out, cfg.strategy)
+        write_text(run_dir / "config.yaml", cfg.to_yaml())
     seed_everything(cfg.seed)
     device = default_device()
     precision = resolve_precision(cfg.precision, device)
@@ -213,14 +246,15 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "line
         shown = "; ".join(f"{Path(k).name}: {r}" for k, r in decoded.skipped[:5])
         more = f" (+{len(decoded.skipped) - 5} more)" if len(decoded.skipped) > 5 else ""
         log(f"skipped {len(decoded.skipped)} file(s) — {shown}{more}; full list in {run_dir / 'skipped_files.csv'}")
-    if not decoded.samples:
-        raise AffinageError(f"none of the images in '{cfg.data}' could be read", f"see {run_dir / 'skipped_files.csv'}")
+    check_usable(decoded.samples, cfg.data, run_dir / "skipped_files.csv")
 
     samples = decoded.samples
     splits = (read_split_lists(Path(cfg.splits_from) / "splits", samples) if cfg.splits_from
               else make_splits(samples, cfg.seed, cfg.val_fraction, cfg.test_fraction))
+    splits, leak_info = _leak_check(run_dir, decoded, splits, cfg.drop_leaks, log)
     classes = sorted({samples[i].label for i in splits.train})
     _check_split_classes(samples, splits, classes)
+    parse_targets(cfg.targets, classes)  # again for the classes left in train (unreadable files are skipped)
     write_split_lists(run_dir / "splits", samples, decoded.hashes, splits)
     label_of = {c: k for k, c in enumerate(classes)}
     y = np.array([label_of[s.label] for s in samples])
@@ -229,21 +263,32 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "line
 
     net.reset_classifier(len(classes), strat.head_hidden)
     hp = strat.resolve(cfg)
+    reason = f"{strat.name}, as requested"
     history: list[dict[str, Any]] = []
     feature_seconds = 0.0
     features_cached = None
+    probe = None
     torch.manual_seed(cfg.seed)
+    # checkpoints are only resumed with the same images in the same splits under the same labels
+    data_key = digest(*(f"{name}/{samples[i].label}/{decoded.hashes[i]}" for name, idx in splits.items() for i in idx))
     base_settings = dict(label_smoothing=cfg.label_smoothing, seed=cfg.seed, precision=precision,
-                         grad_accum=cfg.grad_accum)
+                         grad_accum=cfg.grad_accum, checkpoint_key=data_key)
 
     t_train = time.perf_counter()
-    if strat.uses_cached_features or cfg.head_init == "probe":
+    if auto or strat.uses_cached_features or cfg.head_init == "probe":
         t0 = time.perf_counter()
         net.to(device).to(memory_format=torch.channels_last)
         feats, features_cached = cached_features(net, fingerprint(net), decoded.pixels, decoded.hashes, pp, device,
                                                  precision.inference_dtype, progress)
         feature_seconds = time.perf_counter() - t0
         log(f"features: {tuple(feats.shape)} {'from cache' if features_cached else 'computed'} in {feature_seconds:.1f}s")
+        if auto:
+            choice = choose_strategy(feats[splits.train], y[splits.train], net.pretrained_head, cfg.seed)
+            strat, reason, auto_evidence = get_strategy(choice.strategy), choice.reason, choice.evidence
+            if strat.head_hidden != net.head_hidden:
+                net.reset_classifier(len(classes), strat.head_hidden)
+            hp = strat.resolve(cfg)
+            log(reason)
         probe_hp = hp if strat.uses_cached_features else get_strategy("linear-probe").resolve(
             TrainConfig(data=cfg.data, seed=cfg.seed))
         head = net.head
@@ -256,7 +301,7 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "line
                     LoopSettings(epochs=probe_hp["epochs"], batch_size=probe_hp["batch_size"],
                                  warmup_epochs=cfg.warmup_epochs, patience=probe_hp["patience"], num_workers=0,
                                  phase="head" if strat.uses_cached_features else "head-init", progress=False,
-                                 **base_settings),
+                                 checkpoint=run_dir / CHECKPOINT_DIR / "head.pt", **base_settings),
                     log=log)
         net.head = head.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
         history += probe.as_rows()
@@ -272,23 +317,27 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "line
         train_ds = PixelDataset(decoded.pixels, splits.train, y[splits.train].tolist(),
                                 train_transform(pp, cfg.augment, train_size))
         val_ds = PixelDataset(decoded.pixels, splits.val, y[splits.val].tolist(), eval_transform(pp))
-        groups = strat.param_groups(net, hp)
-        strat.apply(net, 0, hp["epochs"])
+        module = strat.wrap(net, hp)
+        groups = strat.param_groups(module, hp)
+        strat.apply(module, 0, hp["epochs"])
         torch.manual_seed(cfg.seed)
-        trained = fit(net, train_ds, val_ds, groups,
+        trained = fit(module, train_ds, val_ds, groups,
                       LoopSettings(epochs=hp["epochs"], batch_size=hp["batch_size"], warmup_epochs=cfg.warmup_epochs,
                                    patience=hp["patience"], num_workers=workers, phase="fine-tune", progress=progress,
-                                   **base_settings),
-                      on_epoch_start=lambda e: strat.apply(net, e, hp["epochs"]), after_train_mode=lambda m: set_norms_eval(m, not cfg.train_bn_stats),
+                                   checkpoint=run_dir / CHECKPOINT_DIR / "fine-tune.pt", **base_settings),
+                      on_epoch_start=lambda e: strat.apply(module, e, hp["epochs"]), after_train_mode=lambda m: set_norms_eval(m, not cfg.train_bn_stats),
                       log=log)
         history += trained.as_rows()
+        if module is not net:  # LoRA: keep the adapter (with its head) as peft saves it, then merge for inference
+            _save_adapter(run_dir, module)
+            net = strat.unwrap(module)
     train_seconds = time.perf_counter() - t_train
 
     # Test: always through the full model, the same path `affinage eval` and `predict` use.
     net = net.cpu().eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    _save_model(run_dir, net, classes, precision.inference, cfg.strategy)
+    _save_model(run_dir, net, classes, precision.inference, strat.name)
     run = Run.load(run_dir)
     run._model = net
     t0 = time.perf_counter()
@@ -301,9 +350,12 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "line
     if trained is not None:
         trainable = max(r["trainable_params"] for r in trained.as_rows())
     metrics = {
-        "strategy": cfg.strategy,
+        "strategy": strat.name,
+        "strategy_reason": reason,
+        **({"strategy_evidence": auto_evidence} if auto else {}),
         "test": test,
         "val": {"accuracy": max((r["val_accuracy"] for r in history), default=None)},
+        "diverged": trained.diverged if trained is not None else probe.diverged,  # NaN/inf loss: why training stopped
         "hyperparameters": {k: v for k, v in hp.items()},
         "data": {"source": images.description, "classes": classes, "split": splits.how,
                  "counts": {name: class_counts(samples, idx) for name, idx in splits.items()},
@@ -314,16 +366,91 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "line
                    "feature_seconds": feature_seconds, "features_cached": features_cached,
                    "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                    "eval_samples_per_second": len(splits.test) / max(eval_seconds, 1e-9),
-                   "train_samples_per_second": (trained.samples_seen / max(trained.train_seconds, 1e-9)) if trained else None},
+                   "train_samples_per_second": _throughput(trained or probe),
+                   "peak_memory_mb": peak_memory_mb(device)},
         "environment": environment(device),
     }
+    metrics["calibration"] = calibration(test_logits, y[splits.test])
+    if any(s.group is not None for s in samples):
+        metrics["groups"] = group_metrics(test_logits, y[splits.test],
+                                          [samples[i].group or "(none)" for i in splits.test], classes)
+    metrics["leaks"] = leak_info
+    metrics["targets"] = check_targets(parse_targets(cfg.targets, classes), test)
+    metrics["diagnosis"] = diagnose(history, test, classes, leaks=0 if leak_info["dropped"] else leak_info["pairs"])
+    metrics["footprint"] = footprint.stop()
     write_json(run_dir / "history.json", history)
     _write_history_csv(run_dir / "history.csv", history)
     write_json(run_dir / "metrics.json", metrics)
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # the run is complete: model/ and history.json suffice
     run.metrics = metrics
     log(f"test accuracy {test['accuracy']:.4f} (macro F1 {test['macro_f1']:.4f}, n={test['n']}) "
         f"in {metrics['timing']['wall_seconds']:.1f}s -> {run_dir}")
+    for line in _trust_lines(metrics) + [format_result(r) for r in metrics["targets"]] + format_findings(metrics["diagnosis"]):
+        log(line)
+    _write_report(run_dir, log)
     return run
+
+
+def _throughput(result: Any) -> float | None:
+    """Training samples per second of training (on cached features for the frozen strategies)."""
+    return result.samples_seen / max(result.train_seconds, 1e-9) if result is not None and result.samples_seen else None
+
+
+def peak_memory_mb(device: Any) -> float:
+    """Peak memory of this run: GPU memory allocated on CUDA, else the process's peak resident set size (on its
+    own for `affinage train` processes, e.g. under `affinage compare`)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _leak_check(run_dir: Path, decoded: DecodedImages, splits: Splits, drop: bool,
+                log: Callable[[str], None]) -> tuple[Splits, dict[str, Any]]:
+    """Find duplicates across splits (leaks.csv), and with `drop` remove them from val/test."""
+    from .leaks import NEAR_DUPLICATE_BITS, drop_leaked, find_leaks, label_conflicts, summary, write_leaks
+
+    leaks = find_leaks(decoded.pixels, decoded.hashes, splits)
+    write_leaks(run_dir / "leaks.csv", leaks, decoded.samples)
+    dropped: list[int] = []
+    if leaks and drop:
+        splits, dropped = drop_leaked(splits, leaks)
+    info = {"pairs": len(leaks), "exact": sum(leak.kind == "exact" for leak in leaks),
+            "near": sum(leak.kind == "near" for leak in leaks), "dropped": len(dropped),
+            "label_conflicts": label_conflicts(leaks, decoded.samples), "max_hash_distance": NEAR_DUPLICATE_BITS}
+    if leaks:
+        then = (f"dropped {len(dropped)} val/test image(s) (--drop-leaks)" if dropped else
+                "--drop-leaks removes them from val/test")
+        log(f"{summary(leaks, decoded.samples)}; pairs in {run_dir / 'leaks.csv'}; {then}")
+    return splits, info
+
+
+def _trust_lines(metrics: dict[str, Any]) -> list[str]:
+    lines = []
+    groups = metrics.get("groups")
+    if groups:
+        worst, best = groups["worst_group"], groups["best_group"]
+        lines.append(f"groups: worst '{worst}' accuracy {groups['by_group'][worst]['accuracy']:.3f}, best '{best}' "
+                     f"{groups['by_group'][best]['accuracy']:.3f} (gap {groups['accuracy_gap']:.3f}"
+                     f"{' > ' + format(groups['threshold'], '.2f') + ': FLAGGED' if groups['flagged'] else ''})")
+    fp = metrics["footprint"]
+    lines.append(f"footprint: {fp['energy_kwh'] * 1000:.3g} Wh, {fp['co2_kg'] * 1000:.3g} g CO2e ({fp['country']}), "
+                 f"{fp['water_l']:.3g} L water — {fp['method']}")
+    return lines
+
+
+def _write_report(run_dir: Path, log: Callable[[str], None]) -> None:
+    """report.html; a failure here must not lose a finished run, so it is reported, not raised."""
+    from .report import write_report
+
+    try:
+        log(f"report: {write_report(run_dir)}")
+    except Exception as exc:  # noqa: BLE001 - matplotlib/font problems: the run itself is complete
+        log(f"report.html could not be written ({type(exc).__name__}: {exc}); retry with `affinage report {run_dir}`")
 
 
 def _round_to(value: float, multiple: int) -> int:
@@ -336,6 +463,22 @@ def _check_split_classes(samples: Sequence[Sample], splits: Splits, classes: lis
         if unknown:
             raise AffinageError(f"class '{unknown[0]}' appears in the {name} split but not in train",
                                 "give every class some training images")
+
+
+def _save_adapter(run_dir: Path, module: Any) -> None:
+    """peft's own adapter folder (adapter_config.json + adapter_model.safetensors, head included), written to a
+    temporary folder and renamed into place."""
+    import shutil
+    import tempfile
+
+    target = run_dir / MODEL_DIR / "adapter"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent))
+    try:
+        module.save_pretrained(str(tmp))
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _save_model(run_dir: Path, net: Any, classes: list[str], inference: str, strategy: str) -> None:
@@ -360,7 +503,7 @@ def _write_predictions(path: Path, samples: Sequence[Sample], idx: list[int], lo
     from .storage import atomic_path
 
     probs = softmax(logits)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label", "predicted", "probability"])
         for i, row in zip(idx, probs):
@@ -382,13 +525,32 @@ def _write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
 def environment(device: Any) -> dict[str, Any]:
     import torch
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("timm", "transformers", "accelerate", "torchvision", "numpy", "PIL"):
+    from . import __version__
+
+    versions = {"affinage": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for name in ("timm", "transformers", "accelerate", "peft", "torchvision", "numpy", "PIL", "sklearn", "scipy"):
         module = sys.modules.get(name)
         if module is not None:
             versions[name] = getattr(module, "__version__", "?")
-    return {"device": str(device), "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "versions": versions}
+    env = {"device": str(device), "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
+           "processor": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
+           "cpu_count": os.cpu_count(), "versions": versions}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo), for reproducibility notes; '' where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def evaluate_run(path: str | os.PathLike[str], progress: bool = True) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .backbones import ImageClassifier
 from .config import TrainConfig, check_strategy
+from .errors import AffinageError
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Defaults:
     layer_decay: float = 1.0
     batch_size: int | None = None
     patience: int = 3
+    lr_min: float | None = None  # set: discriminative LRs from lr (head) down to lr_min (lowest trained block)
 
 
 class Strategy:
@@ -35,11 +37,28 @@ class Strategy:
 
     def resolve(self, cfg: TrainConfig) -> dict[str, Any]:
         """Effective hyper-parameters: the user's where given, else this strategy's defaults."""
-        return {"epochs": cfg.epochs or self.defaults.epochs, "lr": cfg.lr or self.defaults.lr,
+        lr = cfg.lr or self.defaults.lr
+        if cfg.lr_min is not None and cfg.lr_min > lr:
+            raise AffinageError(f"lr_min {cfg.lr_min:g} is above the head's lr {lr:g}",
+                                "pass --lr-min below --lr (fastai's slice(lr/100, lr) is --lr-min 1e-5 --lr 1e-3)")
+        return {"epochs": cfg.epochs or self.defaults.epochs, "lr": lr,
                 "weight_decay": self.defaults.weight_decay if cfg.weight_decay is None else cfg.weight_decay,
                 "layer_decay": cfg.layer_decay or self.defaults.layer_decay,
+                "lr_min": cfg.lr_min if cfg.lr_min is not None else self.defaults.lr_min,
                 "patience": cfg.patience or self.defaults.patience,
-                "batch_size": cfg.batch_size or self.defaults.batch_size or 32}
+                "batch_size": cfg.batch_size or self.defaults.batch_size or 32,
+                **self.extra_hyperparameters(cfg)}
+
+    def extra_hyperparameters(self, cfg: TrainConfig) -> dict[str, Any]:
+        return {}
+
+    def wrap(self, model: ImageClassifier, hp: dict[str, Any]) -> nn.Module:
+        """The module the training loop optimises (LoRA wraps the model in adapters; others train it as is)."""
+        return model
+
+    def unwrap(self, module: nn.Module) -> ImageClassifier:
+        """Back to a plain ImageClassifier for saving and inference (LoRA merges its adapters)."""
+        return module  # type: ignore[return-value]
 
     def trainable_depth(self, model: ImageClassifier, epoch: int, epochs: int) -> int:
         """How many backbone blocks (from the top) train during `epoch`; the stem counts as a block."""
@@ -48,7 +67,7 @@ class Strategy:
     def param_groups(self, model: ImageClassifier, hp: dict[str, Any]) -> list[dict[str, Any]]:
         """All groups this strategy may ever train (head and the blocks it may unfreeze), with their LR/decay."""
         depth = max(self.trainable_depth(model, e, hp["epochs"]) for e in range(hp["epochs"]))
-        return param_groups(model, depth, hp["lr"], hp["weight_decay"], hp["layer_decay"])
+        return param_groups(model, depth, hp["lr"], hp["weight_decay"], hp["layer_decay"], hp.get("lr_min"))
 
     def apply(self, model: ImageClassifier, epoch: int, epochs: int) -> int:
         """Set requires_grad for `epoch`; returns the number of trainable parameters."""
@@ -108,11 +127,144 @@ class Progressive(Strategy):
         return min(total, step * (epoch + 1))
 
 
+class Lora(Strategy):
+    """Low-rank adapters (peft) on the backbone's linear and 1x1/full convolution layers; the pretrained
+    weights stay frozen, the head trains with the adapters and is saved with them (peft's `modules_to_save`).
+    At the end the adapters are merged, so the saved model runs at the original speed."""
+
+    name = "lora"
+    defaults = Defaults(epochs=5, lr=1e-3, weight_decay=1e-4)
+
+    def extra_hyperparameters(self, cfg: TrainConfig) -> dict[str, Any]:
+        return {"lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha}
+
+    def wrap(self, model: ImageClassifier, hp: dict[str, Any]) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora_targets(model)
+        if not targets:
+            raise AffinageError(f"no layer of {model.spec.origin} can take a LoRA adapter (no Linear or Conv2d layers)",
+                                "use --strategy partial:N or full for this backbone")
+        config = LoraConfig(r=int(hp["lora_rank"]), lora_alpha=float(hp["lora_alpha"]), lora_dropout=0.0, bias="none",
+                            target_modules=targets, modules_to_save=["head"])
+        return get_peft_model(model, config)
+
+    def unwrap(self, module: nn.Module) -> ImageClassifier:
+        return module.merge_and_unload() if hasattr(module, "merge_and_unload") else module  # type: ignore[return-value]
+
+    def param_groups(self, model: nn.Module, hp: dict[str, Any]) -> list[dict[str, Any]]:
+        """Adapters and head at the same LR; no decay on biases (the head's), decay on the adapter matrices."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = []
+        for name, keep in (("head", lambda n: "lora_" not in n), ("lora", lambda n: "lora_" in n)):
+            params = [(n, p) for n, p in named if keep(n)]
+            for suffix, ps, wd in (("", [p for n, p in params if p.ndim > 1], hp["weight_decay"]),
+                                   ("/no_decay", [p for n, p in params if p.ndim <= 1], 0.0)):
+                if ps:
+                    groups.append({"params": ps, "lr": hp["lr"], "initial_lr": hp["lr"], "weight_decay": wd,
+                                   "name": name + suffix})
+        return groups
+
+    def apply(self, model: nn.Module, epoch: int, epochs: int) -> int:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_targets(model: ImageClassifier) -> list[str]:
+    """Module names (relative to the ImageClassifier) LoRA can adapt: Linear layers, and ungrouped Conv2d layers
+    whose padding is static (timm's Conv2dSame pads in forward, which a LoRA conv would not reproduce).
+
+    peft matches `modules_to_save=["head"]` by name suffix, so a backbone layer whose name ends in "head"
+    (EfficientNet's `conv_head`) is trained and saved whole with the classifier instead of getting an adapter:
+    that keeps the adapter folder loadable by plain `PeftModel.from_pretrained`."""
+    names = []
+    for name, module in model.backbone.named_modules():
+        if name.endswith("head"):
+            continue
+        if isinstance(module, nn.Linear):
+            names.append(f"backbone.{name}")
+        elif type(module) is nn.Conv2d and module.groups == 1 and isinstance(module.padding, tuple):
+            names.append(f"backbone.{name}")
+    return names
+
+
 def get_strategy(name: str) -> Strategy:
     name = check_strategy(name)
     if name.startswith("partial:"):
         return Partial(int(name.split(":")[1]))
-    return {"linear-probe": LinearProbe, "head": Head, "full": Full, "progressive": Progressive}[name]()
+    return {"linear-probe": LinearProbe, "head": Head, "full": Full, "progressive": Progressive, "lora": Lora}[name]()
+
+
+# ----------------------------------------------------------------------------------------------
+# auto: choose from data size and domain distance
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AutoChoice:
+    strategy: str
+    reason: str
+    evidence: dict[str, Any]
+
+
+NEAR_KNN = 0.80  # frozen features already separate the classes this well (chance-corrected k-NN): the domain is near
+NEAR_ENTROPY = 0.45  # the backbone's own predictions on the new images are this sure (1 = uniform over its classes)
+SMALL_PER_CLASS = 250  # fewer training images per class than this: little data
+
+
+def choose_strategy(features: Any, labels: Any, pretrained_head: tuple[Any, Any] | None = None,
+                    seed: int = 0) -> AutoChoice:
+    """Pick a strategy from the training split only: class count, images per class, and domain distance measured
+    as (a) how well a k-NN on the frozen features separates the classes (leave-one-out, chance-corrected) and
+    (b) how unsure the backbone's own pretrained classifier is about the images (normalised entropy).
+
+    Near domain + little data -> linear-probe (frozen, features cached); near + plenty -> partial:2;
+    far domain -> progressive (little data) or full (plenty)."""
+    import numpy as np
+    import torch
+
+    feats = torch.as_tensor(features).float()
+    y = np.asarray(labels)
+    classes, counts = np.unique(y, return_counts=True)
+    n_classes, per_class = len(classes), int(np.median(counts))
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(len(y), size=min(len(y), 3000), replace=False))
+    f = torch.nn.functional.normalize(feats[keep], dim=1)
+    sims = f @ f.T
+    sims.fill_diagonal_(-2.0)
+    k = min(5, len(keep) - 1)
+    neighbours = sims.topk(k, dim=1).indices.numpy()
+    votes = y[keep][neighbours]
+    pred = np.array([np.bincount(v, minlength=int(y.max()) + 1).argmax() for v in votes])
+    knn = float((pred == y[keep]).mean())
+    chance = float(counts.max() / counts.sum())
+    knn_gain = (knn - chance) / max(1e-9, 1 - chance)
+    entropy = None
+    if pretrained_head is not None:
+        w, b = pretrained_head
+        logp = torch.log_softmax(feats[keep] @ w.float().T + b.float(), dim=1)
+        entropy = float((-(logp.exp() * logp).sum(1)).mean() / math.log(w.shape[0]))
+    near = knn_gain >= NEAR_KNN and (entropy is None or entropy <= NEAR_ENTROPY)
+    small = per_class < SMALL_PER_CLASS
+    if near:
+        strategy = "linear-probe" if small else "partial:2"
+    else:
+        strategy = "progressive" if per_class < 50 else "full"
+    bits = [f"{n_classes} classes, median {per_class} training images per class ({'little' if small else 'plenty of'} data)",
+            f"a 5-NN on frozen features reaches {knn:.2f} on train (chance {chance:.2f}, chance-corrected {knn_gain:.2f}; "
+            f"near needs >= {NEAR_KNN})"]
+    if entropy is not None:
+        bits.append(f"the backbone's own classifier is {'sure' if entropy <= NEAR_ENTROPY else 'unsure'} about these "
+                    f"images (normalised entropy {entropy:.2f}; near needs <= {NEAR_ENTROPY})")
+    verdict = {("near", True): "the images look like what the backbone already knows and data are few, so the frozen "
+                               "features are the safest bet",
+               ("near", False): "the images look familiar and there is enough data to adapt the top blocks",
+               ("far", True): "the images are far from what the backbone knows, so its layers must adapt; with few "
+                              "images, unfreeze gradually",
+               ("far", False): "the images are far from what the backbone knows and data are plentiful, so fine-tune "
+                               "everything"}[("near" if near else "far", per_class < (SMALL_PER_CLASS if near else 50))]
+    reason = f"auto chose {strategy}: {verdict} — " + "; ".join(bits) + "."
+    evidence = {"classes": n_classes, "images_per_class": per_class, "knn_accuracy": round(knn, 4),
+                "chance": round(chance, 4), "knn_gain": round(knn_gain, 4),
+                "pretrained_entropy": None if entropy is None else round(entropy, 4), "near_domain": near}
+    return AutoChoice(strategy, reason, evidence)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,9 +284,10 @@ def freeze_all_but(model: ImageClassifier, depth: int) -> int:
 
 
 def param_groups(model: ImageClassifier, depth: int, lr: float, weight_decay: float,
-                 layer_decay: float) -> list[dict[str, Any]]:
-    """Optimizer groups: the head at `lr`, block k from the top at lr * layer_decay**k; no decay on
-    biases, norm weights, tokens and position embeddings."""
+                 layer_decay: float, lr_min: float | None = None) -> list[dict[str, Any]]:
+    """Optimizer groups: the head at `lr`, block k from the top at lr * layer_decay**k (layer-wise decay) or,
+    with `lr_min`, spread geometrically from lr down to lr_min at the lowest trained block (fastai's
+    discriminative `slice(lr_min, lr)`); no decay on biases, norm weights, tokens and position embeddings."""
     groups: list[dict[str, Any]] = []
 
     def add(name: str, named: list[tuple[str, nn.Parameter]], group_lr: float, no_decay: set[str]) -> None:
@@ -147,9 +300,11 @@ def param_groups(model: ImageClassifier, depth: int, lr: float, weight_decay: fl
 
     add("head", list(model.head.named_parameters()), lr, set())
     blocks = model.blocks()
-    for k in range(min(depth, len(blocks))):
+    trained = min(depth, len(blocks))
+    for k in range(trained):
         index = len(blocks) - 1 - k
-        add("stem" if index == 0 else f"block{index}", blocks[index], lr * layer_decay ** (k + 1), model.no_weight_decay())
+        block_lr = lr * (lr_min / lr) ** ((k + 1) / trained) if lr_min else lr * layer_decay ** (k + 1)
+        add("stem" if index == 0 else f"block{index}", blocks[index], block_lr, model.no_weight_decay())
     return groups
 
 

@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 from .data import PixelDataset, Preprocessing, eval_transform
-from .storage import cache_dir, digest
+from .errors import AffinageError
+from .storage import atomic_path, cache_dir, digest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,6 +140,15 @@ class EpochRecord:
     seconds: float
 
 
+# Checkpoints live in RUN/checkpoint/<phase>.pt, rewritten atomically after every epoch (model, optimizer,
+# scheduler, history, best weights, early-stopping counters). When a phase ends, its file shrinks to the final
+# weights and history (a finished phase never needs its optimizer state again), and `finetune` deletes the
+# folder once the run directory is complete. RNG states are not saved: each epoch's randomness is a pure
+# function of (seed, epoch) -- see `seed_epoch`.
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FORMAT = 1
+
+
 @dataclass
 class FitResult:
     history: list[EpochRecord] = field(default_factory=list)
@@ -146,6 +157,8 @@ class FitResult:
     stopped_early: bool = False
     train_seconds: float = 0.0
     samples_seen: int = 0
+    diverged: str | None = None  # why training stopped on a NaN/inf loss; the weights are the best ones before it
+    resumed_after: int | None = None  # the last epoch restored from a checkpoint, if any
 
     def as_rows(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.history]
@@ -164,6 +177,8 @@ class LoopSettings:
     num_workers: int = 0
     phase: str = "train"
     progress: bool = True
+    checkpoint: Path | None = None  # saved after every epoch; if it exists at the start, training resumes from it
+    checkpoint_key: str = ""  # what the checkpoint must have been made with (data, settings); checked on resume
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -173,13 +188,21 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def seed_epoch(generator: torch.Generator, seed: int, epoch: int) -> None:
+    """Data order and augmentation of an epoch depend only on (seed, epoch): a resumed run replays them exactly."""
+    epoch_seed = seed * 1000 + epoch
+    generator.manual_seed(epoch_seed)
+    seed_everything(epoch_seed)
+
+
 def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str, Any]], settings: LoopSettings,
         on_epoch_start: Callable[[int], int] | None = None, after_train_mode: Callable[[nn.Module], None] | None = None,
         log: Callable[[str], None] = print) -> FitResult:
     """Train `module` with AdamW + warmup/cosine, evaluating on val each epoch; restores the best weights.
 
     Epoch 0 is the starting point (e.g. a head already fitted on features): fine-tuning never returns a
-    model worse on val than the one it started from.
+    model worse on val than the one it started from. A NaN/inf loss stops training with a diagnosis and the
+    best weights before it. With `settings.checkpoint`, a run killed at any point resumes bit-identically (CPU).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -187,11 +210,11 @@ def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str
     device = default_device()
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=settings.precision.train,
                               gradient_accumulation_steps=settings.grad_accum)
-    generator = torch.Generator().manual_seed(settings.seed)
+    generator = torch.Generator()  # re-seeded at every epoch start (seed_epoch)
+    # Workers are not persistent: started afresh each epoch, they take that epoch's seed (resumable augmentation).
     train_loader = torch.utils.data.DataLoader(
         train_data, batch_size=settings.batch_size, shuffle=True, generator=generator, drop_last=len(train_data) > settings.batch_size,
-        num_workers=settings.num_workers, persistent_workers=settings.num_workers > 0,
-        worker_init_fn=_seed_worker if settings.num_workers else None)
+        num_workers=settings.num_workers, worker_init_fn=_seed_worker if settings.num_workers else None)
     val_loader = torch.utils.data.DataLoader(val_data, batch_size=max(64, settings.batch_size), shuffle=False,
                                              num_workers=settings.num_workers)
     if device.type == "cpu" or any(isinstance(m, nn.Conv2d) for m in module.modules()):
@@ -203,6 +226,7 @@ def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warmup))
     module, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         module, optimizer, train_loader, val_loader, scheduler)
+    unwrapped = accelerator.unwrap_model(module)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     infer_dtype = settings.precision.inference_dtype
 
@@ -219,17 +243,47 @@ def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str
                 count += len(y)
         return loss_sum / max(1, count), correct / max(1, count)
 
-    result = FitResult()
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    val_loss, val_acc = validate()
-    result.history.append(EpochRecord(settings.phase, 0, None, None, val_loss, val_acc, 0.0, trainable, 0.0))
-    best_key = (val_acc, -val_loss)
-    best_state = copy.deepcopy(accelerator.unwrap_model(module).state_dict())
-    result.best_val_accuracy = val_acc
-    bad_epochs = 0
-    start = time.perf_counter()
-    for epoch in range(1, settings.epochs + 1):
+    def checkpoint_state(epoch: int, finished: bool) -> dict[str, Any]:
+        """Plain containers of tensors and numbers only: loadable with torch.load(weights_only=True)."""
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT, "key": settings.checkpoint_key, "phase": settings.phase, "epoch": epoch,
+            "finished": finished, "history": result.as_rows(), "best_key": list(best_key), "bad_epochs": bad_epochs,
+            "result": {k: getattr(result, k) for k in ("best_epoch", "best_val_accuracy", "stopped_early",
+                                                        "train_seconds", "samples_seen", "diverged")}}
+        if finished:
+            state["best_model"] = best_state
+        else:
+            state.update(model=unwrapped.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         best_model=None if result.best_epoch == epoch else best_state)  # None: the current weights
+        return state
+
+    saved = load_checkpoint(settings.checkpoint, settings.checkpoint_key)
+    if saved is None:
+        result = FitResult()
+        val_loss, val_acc = validate()
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        result.history.append(EpochRecord(settings.phase, 0, None, None, val_loss, val_acc, 0.0, trainable, 0.0))
+        best_key = (val_acc, -val_loss)
+        best_state = copy.deepcopy(unwrapped.state_dict())
+        result.best_val_accuracy = val_acc
+        bad_epochs, done, finished = 0, 0, False
+    else:
+        result = FitResult([EpochRecord(**r) for r in saved["history"]], **saved["result"])
+        best_key, bad_epochs, done, finished = tuple(saved["best_key"]), saved["bad_epochs"], saved["epoch"], saved["finished"]
+        if not finished:
+            unwrapped.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+        best_state = saved["best_model"] if saved["best_model"] is not None else copy.deepcopy(unwrapped.state_dict())
+        result.resumed_after = done
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        log(f"  {settings.phase}: resumed after epoch {done} from {settings.checkpoint}")
+    spent_before, start = result.train_seconds, time.perf_counter()
+    for epoch in range(done + 1, settings.epochs + 1):
+        if finished:
+            break
         t0 = time.perf_counter()
+        seed_epoch(generator, settings.seed, epoch)
         if on_epoch_start is not None:
             trainable = on_epoch_start(epoch - 1)
         module.train()
@@ -238,7 +292,7 @@ def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str
         loss_sum, correct, count = 0.0, 0, 0
         bar = tqdm(train_loader, desc=f"{settings.phase} epoch {epoch}/{settings.epochs}", unit="batch", leave=False,
                    disable=not settings.progress or not accelerator.is_local_main_process, mininterval=1.0)
-        for x, y in bar:
+        for step, (x, y) in enumerate(bar, start=1):
             with accelerator.accumulate(module):
                 logits = module(_to_device(x, accelerator.device))
                 loss = loss_fn(logits.float(), y)
@@ -248,38 +302,69 @@ def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str
                 optimizer.zero_grad(set_to_none=True)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                log(f"stopping: the training loss became {loss_value} in epoch {epoch}; the best weights so far are kept "
-                    "(try a lower --lr)")
-                result.stopped_early = True
+                result.diverged = f"the training loss became {loss_value} at step {step} of epoch {epoch}"
                 break
             loss_sum += loss_value * len(y)
             correct += int((logits.argmax(1) == y).sum())
             count += len(y)
+        bar.close()
+        if result.diverged is None:
+            val_loss, val_acc = validate()
+            if not math.isfinite(val_loss):
+                result.diverged = f"the validation loss became {val_loss} after epoch {epoch}"
+        if result.diverged is not None:  # the weights are garbage now: no record, no checkpoint of them
+            log(f"  {settings.phase} diverged: {result.diverged} (peak lr {groups[0]['lr']:g}); stopped, keeping the "
+                f"best weights before it (epoch {result.best_epoch}, val accuracy {result.best_val_accuracy:.3f}). "
+                "The learning rate is probably too high: try a 10x lower --lr")
+            result.stopped_early = finished = True
+            break
         result.samples_seen += count
-        val_loss, val_acc = validate()
         record = EpochRecord(settings.phase, epoch, loss_sum / max(1, count), correct / max(1, count), val_loss, val_acc,
                              float(scheduler.get_last_lr()[0]), trainable, time.perf_counter() - t0)
         result.history.append(record)
         if (val_acc, -val_loss) > best_key:
             best_key, bad_epochs = (val_acc, -val_loss), 0
-            best_state = copy.deepcopy(accelerator.unwrap_model(module).state_dict())
+            best_state = copy.deepcopy(unwrapped.state_dict())
             result.best_epoch, result.best_val_accuracy = epoch, val_acc
         else:
             bad_epochs += 1
         if settings.progress or epoch == settings.epochs:
             log(f"  {settings.phase} epoch {epoch}/{settings.epochs}: train loss {record.train_loss:.3f} "
                 f"acc {record.train_accuracy:.3f} | val loss {val_loss:.3f} acc {val_acc:.3f} | {record.seconds:.1f}s")
-        if result.stopped_early:
-            break
-        if bad_epochs >= settings.patience:
+        if bad_epochs >= settings.patience and epoch < settings.epochs:
             result.stopped_early = True
             log(f"  early stop: val accuracy has not improved for {settings.patience} epochs (best: epoch {result.best_epoch})")
-            break
-    result.train_seconds = time.perf_counter() - start
-    unwrapped = accelerator.unwrap_model(module)
+        finished = result.stopped_early or epoch == settings.epochs
+        result.train_seconds = spent_before + time.perf_counter() - start
+        if settings.checkpoint is not None and not finished:
+            save_checkpoint(settings.checkpoint, checkpoint_state(epoch, finished=False))
+    result.train_seconds = spent_before + time.perf_counter() - start
     unwrapped.load_state_dict(best_state)
+    if settings.checkpoint is not None:
+        save_checkpoint(settings.checkpoint, checkpoint_state(len(result.history) - 1, finished=True))
     accelerator.free_memory()
     return result
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a training checkpoint atomically (temp file + rename): a kill leaves the previous one intact."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path | None, key: str) -> dict[str, Any] | None:
+    """The checkpoint at `path`, or None if there is none; refuses one made with other data or settings."""
+    if path is None or not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers, never code
+    except Exception as exc:
+        raise AffinageError(f"checkpoint '{path}' cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+                            "start the run again with a new --out") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("key") != key:
+        raise AffinageError(f"checkpoint '{path}' was made with other data or settings than this run",
+                            "resume with the same data and options, or start the run again with a new --out")
+    return state
 
 
 def _seed_worker(worker_id: int) -> None:

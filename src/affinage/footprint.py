@@ -1,0 +1,189 @@
+"""Footprint of a run: energy (kWh), CO2 (kg) and water (L), measured by codecarbon's offline tracker.
+
+    with track_footprint("FRA", water_l_per_kwh=1.8) as fp:
+        train()
+    fp.result  # {"energy_kwh": ..., "co2_kg": ..., "water_l": ..., "method": ...}
+
+codecarbon runs offline and quietly: no network, no API, no emissions.csv, errors only. It measures the CPU
+with RAPL and NVIDIA GPUs with NVML where the machine exposes them, and otherwise estimates from CPU load x TDP
+(containers and VMs usually hide RAPL); `method` says which. In "process" mode it counts this process (and its
+data-loader workers), not the other jobs sharing the machine. If codecarbon fails, the footprint falls back to
+CPU TDP x time x this process's CPU share, and `method` says so. Numbers are always > 0.
+
+CO2 = energy x the carbon intensity of the country's grid (codecarbon's offline table, `country`: ISO 3166-1
+alpha-3, default FRA, where the project runs). Water = energy x `water_l_per_kwh`: default 1.8 L/kWh, the
+average on-site water usage effectiveness of US data centres (Shehabi et al. 2016, "United States Data Center
+Energy Usage Report", LBNL); it leaves out the water used to generate the electricity, which depends on the grid
+(roughly 0-4 L/kWh more): raise the factor (--water-factor) to include it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import AffinageError
+
+DEFAULT_COUNTRY = "FRA"
+WATER_L_PER_KWH = 1.8  # US data-centre average on-site WUE (Shehabi et al. 2016); see the module docstring
+FALLBACK_TDP_W = 85.0  # codecarbon's own default when a CPU model is not in its TDP table
+WORLD_CARBON_G_PER_KWH = 475.0  # IEA world average, used only when the country table is unavailable
+MEASURED_CPU_MODES = {"intel_rapl": "RAPL", "intel_power_gadget": "Intel Power Gadget", "windows_emi": "Windows EMI",
+                      "powermetrics": "powermetrics", "apple_powermetrics": "powermetrics"}
+
+
+def _country_table() -> dict[str, Any] | None:
+    try:
+        from codecarbon.input import DataSource
+
+        return DataSource().get_global_energy_mix_data()
+    except Exception:  # codecarbon missing or its data unreadable: the fallback estimate still works
+        return None
+
+
+def check_country(code: str) -> str:
+    """Normalise an ISO 3166-1 alpha-3 code; raise naming some valid ones if codecarbon does not know it."""
+    normal = str(code).strip().upper()
+    table = _country_table()
+    if table is not None and normal not in table:
+        examples = ", ".join(sorted(table)[:12])
+        raise AffinageError(f"unknown country code '{code}' for the carbon intensity",
+                            f"pass an ISO 3166-1 alpha-3 code with --country, e.g. FRA, DEU, USA, GBR ({examples}, ...)")
+    if table is None and (len(normal) != 3 or not normal.isalpha()):
+        raise AffinageError(f"'{code}' is not an ISO 3166-1 alpha-3 country code", "pass e.g. --country FRA")
+    return normal
+
+
+def carbon_intensity(country: str) -> float:
+    """gCO2e per kWh of the country's grid (codecarbon's offline table), else the world average."""
+    table = _country_table() or {}
+    value = table.get(country, {}).get("carbon_intensity")
+    return float(value) if value else WORLD_CARBON_G_PER_KWH
+
+
+class FootprintTracker:
+    """Start/stop around a run; `stop()` returns (and keeps in `result`) the footprint dict."""
+
+    def __init__(self, country: str = DEFAULT_COUNTRY, water_l_per_kwh: float = WATER_L_PER_KWH):
+        if not water_l_per_kwh >= 0:
+            raise AffinageError(f"water factor must be >= 0 L/kWh, got {water_l_per_kwh}", "pass e.g. --water-factor 1.8")
+        self.country = check_country(country)
+        self.water_l_per_kwh = float(water_l_per_kwh)
+        self.result: dict[str, Any] | None = None
+        self._tracker: Any = None
+        self._error: str | None = None
+        self._t0 = 0.0
+        self._cpu0 = 0.0
+
+    def start(self) -> "FootprintTracker":
+        self._t0, self._cpu0 = time.perf_counter(), _cpu_seconds()
+        try:
+            self._tracker = _codecarbon_tracker(self.country)
+            with _quiet():
+                self._tracker.start()
+        except Exception as exc:  # any codecarbon failure: fall back to the estimate, never fail the run
+            self._tracker, self._error = None, _one_line(exc)
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        if self.result is not None:
+            return self.result
+        seconds = time.perf_counter() - self._t0
+        result = None
+        if self._tracker is not None:
+            try:
+                with _quiet():
+                    self._tracker.stop()
+                result = self._from_codecarbon(self._tracker, seconds)
+            except Exception as exc:
+                self._error = _one_line(exc)
+        if result is None:
+            result = self._estimate(seconds)
+        self.result = result
+        return result
+
+    def _from_codecarbon(self, tracker: Any, seconds: float) -> dict[str, Any] | None:
+        data = tracker.final_emissions_data
+        energy, co2 = float(data.energy_consumed or 0.0), float(data.emissions or 0.0)
+        if not (energy > 0 and co2 > 0):
+            self._error = f"codecarbon reported {energy} kWh / {co2} kg"
+            return None
+        measured, estimated = [], []
+        for hw in getattr(tracker, "_hardware", []):
+            kind = type(hw).__name__
+            if kind == "CPU":
+                mode = getattr(hw, "_mode", "")
+                if mode in MEASURED_CPU_MODES:
+                    measured.append(f"CPU via {MEASURED_CPU_MODES[mode]}")
+                else:
+                    tdp = getattr(hw, "_tdp", None)
+                    estimated.append(f"CPU {'load x TDP' if mode == 'cpu_load' else 'constant TDP'}"
+                                     + (f" ({tdp:g} W)" if isinstance(tdp, (int, float)) else ""))
+            elif kind == "GPU":
+                measured.append("GPU via NVML")
+            elif kind == "RAM":
+                estimated.append("RAM from its size")
+            else:
+                estimated.append(kind)
+        parts = [", ".join(measured) + " measured" if measured else "",
+                 ", ".join(estimated) + " estimated" if estimated else ""]
+        method = f"{'measured' if measured else 'estimated'}: codecarbon ({'; '.join(p for p in parts if p)})"
+        return self._result(energy, co2, seconds, method, measured=bool(measured),
+                            cpu_kwh=float(data.cpu_energy or 0.0), gpu_kwh=float(data.gpu_energy or 0.0),
+                            ram_kwh=float(data.ram_energy or 0.0), tracking_mode=data.tracking_mode,
+                            tracker=f"codecarbon {data.codecarbon_version}")
+
+    def _estimate(self, seconds: float) -> dict[str, Any]:
+        cores = os.cpu_count() or 1
+        share = min(1.0, max(1.0 / cores, (_cpu_seconds() - self._cpu0) / max(seconds * cores, 1e-9)))
+        energy = max(FALLBACK_TDP_W * share * seconds / 3.6e6, 1e-12)
+        intensity = carbon_intensity(self.country)
+        why = f" (codecarbon unavailable: {self._error})" if self._error else ""
+        method = f"estimated: CPU TDP {FALLBACK_TDP_W:g} W x {seconds:.1f} s x {share:.0%} CPU share{why}"
+        return self._result(energy, energy * intensity / 1000.0, seconds, method, measured=False, tracker="affinage")
+
+    def _result(self, energy: float, co2: float, seconds: float, method: str, **extra: Any) -> dict[str, Any]:
+        return {"energy_kwh": energy, "co2_kg": co2, "water_l": energy * self.water_l_per_kwh, "method": method,
+                **extra, "seconds": seconds, "country": self.country,
+                "carbon_intensity_g_per_kwh": co2 * 1000.0 / energy, "water_l_per_kwh": self.water_l_per_kwh}
+
+
+@contextlib.contextmanager
+def track_footprint(country: str = DEFAULT_COUNTRY, water_l_per_kwh: float = WATER_L_PER_KWH) -> Iterator[FootprintTracker]:
+    """Measure the block; `fp.result` is set on exit (or earlier by `fp.stop()`), also when the block raises."""
+    tracker = FootprintTracker(country, water_l_per_kwh).start()
+    try:
+        yield tracker
+    finally:
+        tracker.stop()
+
+
+def _codecarbon_tracker(country: str) -> Any:
+    with _quiet():
+        from codecarbon import OfflineEmissionsTracker
+
+        return OfflineEmissionsTracker(country_iso_code=country, log_level="error", output_methods=[],
+                                       tracking_mode="process", allow_multiple_runs=True, project_name="affinage")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """codecarbon logs at INFO/WARNING before it applies log_level, and warns on deprecated arguments."""
+    logging.getLogger("codecarbon").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__

@@ -1,0 +1,190 @@
+"""Serve a run: a local Gradio page (drop a photo, get the top-k labels) and a `/predict` API, through the same
+decoding (`data.load_pixels`) and inference (`Run.logits`) code as training-time evaluation and `affinage predict`."""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .data import UnreadableImage, load_pixels
+from .errors import AffinageError, missing_extra
+from .predict import held_out_photos, top_labels
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from .run import Run
+
+DEFAULT_PORT = 7860
+DEFAULT_MAX_UPLOAD_MB = 20.0  # a phone photo is 2-8 MB; larger uploads are refused before decoding
+DEFAULT_CONCURRENCY = 8  # requests decoded at once; the model itself batches whatever arrives together
+MAX_EXAMPLES = 20
+
+
+def _import_gradio() -> Any:
+    # Gradio reads these when a Blocks is made: no usage analytics, no version check, no Hub telemetry.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        import gradio as gr
+    except ImportError as exc:
+        raise missing_extra("gradio", "serve") from exc
+    return gr
+
+
+class BatchingModel:
+    """The run's model behind one worker thread: concurrent requests are queued, batched together (up to
+    `max_batch`, waiting at most `max_wait_s` for company) and answered through futures. Only the worker touches
+    the model, so calls are thread-safe, and parallel users share a forward pass instead of waiting in line."""
+
+    def __init__(self, run: Run, max_batch: int = 16, max_wait_s: float = 0.01):
+        self.run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
+        self._requests: queue.Queue[tuple[np.ndarray, Future[np.ndarray]] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._loop, name="affinage-model", daemon=True)
+        self._worker.start()
+        # load the weights and warm up now, in the worker: the first user does not pay for it
+        side = run.preprocessing.stored_size
+        self.probabilities(np.zeros((3, side, side), dtype=np.uint8))
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """Class probabilities for one decoded image (a `load_pixels` array)."""
+        future: Future[np.ndarray] = Future()
+        self._requests.put((pixels, future))
+        return future.result()
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._worker.join(timeout=10)
+
+    def _loop(self) -> None:
+        from .evaluate import softmax
+
+        while True:
+            first = self._requests.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._requests.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._requests.put(None)  # stop after answering this batch
+                    break
+                batch.append(item)
+            try:
+                probabilities = softmax(self.run.logits(np.stack([pixels for pixels, _ in batch])))
+            except BaseException as exc:  # answer every waiting request, keep serving
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            for (_, future), row in zip(batch, probabilities):
+                future.set_result(row)
+
+
+def model_facts(run: Run) -> str:
+    """One Markdown line: backbone, strategy, test accuracy, classes, input size."""
+    from .storage import read_json
+
+    info = read_json(run.path / "model" / "model.json")
+    backbone = run.metrics.get("model", {}).get("backbone") or info["backbone"]["origin"]
+    parts = [f"backbone **{backbone}**", f"strategy **{run.strategy}**"]
+    test = run.metrics.get("test") or {}
+    if test.get("accuracy") is not None:
+        parts.append(f"test accuracy **{test['accuracy']:.1%}** (n={test.get('n', '?')})")
+    parts += [f"{len(run.classes)} classes", f"{run.preprocessing.input_size} px input"]
+    return " · ".join(parts)
+
+
+def build_app(run: Run | str | os.PathLike[str], top_k: int = 5, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+              concurrency: int = DEFAULT_CONCURRENCY) -> gr.Blocks:
+    """The Gradio page and its `/predict` endpoint for a run (launch it with `serve`, or `.launch()` in tests)."""
+    gr = _import_gradio()
+    from .run import Run
+
+    if not isinstance(run, Run):
+        run = Run.load(run)
+    if top_k < 1:
+        raise AffinageError(f"top-k must be >= 1, got {top_k}", "pass --top-k 5 (or any positive number)")
+    if concurrency < 1:
+        raise AffinageError(f"concurrency must be >= 1, got {concurrency}", "pass --concurrency 8 (or any positive number)")
+    if max_upload_mb <= 0:
+        raise AffinageError(f"max upload size must be > 0 MB, got {max_upload_mb}", "pass --max-upload-mb 20")
+    model = BatchingModel(run)
+    max_bytes = int(max_upload_mb * 1e6)
+    classes = run.classes
+
+    def predict(image: dict[str, Any] | None) -> dict[str, float] | None:
+        # preprocess=False: Gradio hands over the uploaded file untouched (no re-encoding), as {"path": ...}
+        if not image:
+            return None
+        path = image["path"] if isinstance(image, dict) else str(image)
+        name = (image.get("orig_name") if isinstance(image, dict) else None) or Path(path).name
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            raise gr.Error(f"{name} is {size / 1e6:.1f} MB; this server accepts photos up to {max_upload_mb:g} MB.",
+                           title="File too large", print_exception=False)
+        with open(path, "rb") as fh:
+            data = fh.read()
+        try:
+            pixels = load_pixels(data, run.preprocessing)
+        except UnreadableImage as exc:
+            raise gr.Error(f"{name} cannot be used: {exc}. Upload a JPEG, PNG, WebP, BMP or TIFF photo.",
+                           title="Not a usable photo", print_exception=False) from None
+        top = top_labels(model.probabilities(pixels), classes, top_k)
+        return {t["label"]: t["probability"] for t in top}
+
+    examples = held_out_photos(run, MAX_EXAMPLES)
+    with gr.Blocks(title=f"affinage · {run.path.name}", analytics_enabled=False) as app:
+        gr.Markdown(f"## {run.path.name}\n{model_facts(run)}")
+        with gr.Row():
+            image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="photo",
+                             height=320, elem_id="photo")
+            label = gr.Label(num_top_classes=min(top_k, len(classes)), label="prediction", elem_id="prediction")
+        if examples:
+            gr.Examples(examples=[[p] for p in examples], inputs=[image], label="photos from the run's test split",
+                        examples_per_page=len(examples))
+        gr.Markdown(f"Classes: {', '.join(classes)}. The model always answers with one of these, even for a photo "
+                    f"of something else. Uploads up to {max_upload_mb:g} MB.")
+        image.change(predict, inputs=image, outputs=label, api_name="predict", preprocess=False,
+                     concurrency_limit=concurrency, show_progress="minimal")
+    app.queue(default_concurrency_limit=concurrency)
+    app._affinage_model = model  # type: ignore[attr-defined]  # kept alive with the app; tests may close it
+    return app
+
+
+def launch_options(host: str, port: int | None, max_upload_mb: float) -> dict[str, Any]:
+    """`Blocks.launch` arguments: local only unless `host` says otherwise, never a public share link, no
+    server-side rendering process, no MCP server, no monitoring page."""
+    return {"server_name": host, "server_port": port, "share": False, "max_file_size": int(max_upload_mb * 1e6),
+            "ssr_mode": False, "mcp_server": False, "enable_monitoring": False, "footer_links": ["api"],
+            "show_error": False}
+
+
+def serve(run_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = DEFAULT_PORT, top_k: int = 5,
+          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, concurrency: int = DEFAULT_CONCURRENCY,
+          prevent_thread_lock: bool = False) -> gr.Blocks:
+    """Serve a run directory at http://host:port (blocks until interrupted unless `prevent_thread_lock`)."""
+    from .run import Run
+
+    os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")  # Gradio checks its own URL over HTTP
+    run = Run.load(run_dir)
+    app = build_app(run, top_k=top_k, max_upload_mb=max_upload_mb, concurrency=concurrency)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"affinage: serving on {host}: reachable from other machines, without authentication", flush=True)
+    try:
+        app.launch(prevent_thread_lock=True, quiet=True, **launch_options(host, port, max_upload_mb))
+    except OSError as exc:
+        raise AffinageError(f"cannot listen on {host}:{port}: {exc}", "pick a free port with --port") from exc
+    print(f"affinage: serving {run.path} at {app.local_url} (API: /predict) — Ctrl+C to stop", flush=True)
+    if not prevent_thread_lock:
+        app.block_thread()
+    return app

@@ -1,0 +1,96 @@
+"""Targets such as `accuracy>=0.95` or `recall[tulip]>=0.9`: parsed with a grammar (never eval), validated
+before training against the metric and class names, and checked on the test metrics."""
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import AffinageError
+
+# Figures of metrics.json["test"] a target can name; per-class ones take a class in brackets.
+OVERALL_METRICS = ("accuracy", "loss", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "specificity")
+PER_CLASS_METRICS = ("recall", "precision", "f1", "specificity")
+ALIASES = {"acc": "accuracy", "top5": "top5_accuracy", "f1": "macro_f1", "recall": "macro_recall",
+           "precision": "macro_precision", "sensitivity": "macro_recall"}
+OPERATORS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le, ">": operator.gt,
+                                                         "<": operator.lt}
+_GRAMMAR = re.compile(r"""\s*(?P<metric>[A-Za-z][A-Za-z0-9_]*)\s*
+                          (?:\[\s*(?P<cls>[^\[\]]+?)\s*\])?\s*
+                          (?P<op>>=|<=|>|<)\s*
+                          (?P<number>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*(?P<percent>%?)\s*""", re.X)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One parsed target: `metric[cls] op threshold`."""
+
+    expr: str  # as the user wrote it
+    metric: str
+    cls: str | None
+    op: str
+    threshold: float
+
+    def value(self, test: dict[str, Any]) -> float:
+        if self.cls is None:
+            return float(test[self.metric])
+        return float(test["per_class"][self.cls][self.metric])
+
+    def check(self, test: dict[str, Any]) -> dict[str, Any]:
+        value = self.value(test)
+        passed = math.isfinite(value) and OPERATORS[self.op](value, self.threshold)
+        return {"expr": self.expr, "value": value, "passed": bool(passed)}
+
+
+def _valid_names() -> str:
+    return (f"valid metrics: {', '.join(OVERALL_METRICS)}; per class: "
+            f"{', '.join(f'{m}[CLASS]' for m in PER_CLASS_METRICS)}")
+
+
+def parse_target(expr: str) -> Target:
+    """`metric[class] op number` -> Target; raises AffinageError naming the valid metric names."""
+    match = _GRAMMAR.fullmatch(expr)
+    if match is None:
+        raise AffinageError(f"cannot read target '{expr}'",
+                            f"write METRIC>=NUMBER or METRIC[CLASS]>=NUMBER (operators >=, >, <=, <), e.g. "
+                            f"accuracy>=0.95 or recall[tulip]>=0.9; {_valid_names()}")
+    metric, cls = match["metric"].lower(), match["cls"]
+    if cls is None:
+        metric = ALIASES.get(metric, metric)
+        if metric not in OVERALL_METRICS:
+            raise AffinageError(f"unknown metric '{match['metric']}' in target '{expr}'", _valid_names())
+    else:
+        metric = {"sensitivity": "recall"}.get(metric, metric)
+        if metric not in PER_CLASS_METRICS:
+            raise AffinageError(f"metric '{match['metric']}' in target '{expr}' is not a per-class metric",
+                                _valid_names())
+    threshold = float(match["number"]) / (100.0 if match["percent"] else 1.0)
+    if not math.isfinite(threshold):
+        raise AffinageError(f"target '{expr}' has a non-finite threshold", "use a number such as 0.9 or 90%")
+    return Target(expr.strip(), metric, cls, match["op"], threshold)
+
+
+def parse_targets(exprs: Iterable[str], classes: Sequence[str] | None = None) -> list[Target]:
+    """Parse every target; with `classes`, also check each class name and that top-5 accuracy exists."""
+    targets = [parse_target(e) for e in exprs]
+    if classes is not None:
+        for t in targets:
+            if t.cls is not None and t.cls not in classes:
+                raise AffinageError(f"class '{t.cls}' in target '{t.expr}' is not a class of this data",
+                                    f"classes: {', '.join(classes)}")
+            if t.metric == "top5_accuracy" and len(classes) < 5:
+                raise AffinageError(f"target '{t.expr}' needs top-5 accuracy, which needs at least 5 classes "
+                                    f"(this data has {len(classes)})", "use accuracy instead")
+    return targets
+
+
+def check_targets(targets: Sequence[Target], test: dict[str, Any]) -> list[dict[str, Any]]:
+    """[{"expr", "value", "passed"}] for the test metrics of a run."""
+    return [t.check(test) for t in targets]
+
+
+def format_result(result: dict[str, Any]) -> str:
+    return f"{'PASS' if result['passed'] else 'FAIL'}  {result['expr']}  (test: {result['value']:.4f})"
