@@ -15,11 +15,17 @@ from conftest import SHARED, requires_shared
 from affinage.cli import build_parser, main
 
 SUBCOMMANDS = {
-    "train": ["--data", "--model", "--strategy", "--out", "--epochs", "--lr", "--layer-decay", "--train-bn-stats",
-              "--splits-from", "--precision", "--no-pretrained"],
+    "train": ["--data", "--model", "--strategy", "--out", "--epochs", "--lr", "--layer-decay", "--lr-min",
+              "--train-bn-stats", "--splits-from", "--precision", "--no-pretrained", "--lora-rank", "--target",
+              "--fail-on-target", "--drop-leaks", "--country", "--water-factor", "--resume"],
     "demo": ["--data", "--model", "--strategy", "--out"],
-    "predict": ["run", "images", "--top-k", "--json"],
+    "predict": ["run", "--top-k", "--json", "--csv"],
     "eval": ["run", "--json"],
+    "compare": ["--data", "--model", "--strategies", "--target", "--out", "--train-args"],
+    "serve": ["run", "--host", "--port"],
+    "export": ["run", "--format", "--out"],
+    "report": ["run"],
+    "reproduce": ["run", "--out"],
 }
 
 

@@ -180,3 +180,19 @@ def test_auto_run_records_the_resolved_strategy_and_reason(tmp_path, tiny_timm, 
     assert "5-NN" in metrics["strategy_reason"] and metrics["strategy_evidence"]["classes"] == len(CLASSES)
     assert metrics["strategy_reason"] in capsys.readouterr().out
     assert Run.load(tmp_path / "run").strategy == metrics["strategy"]
+
+
+def test_progressive_defaults_count_optimizer_steps_not_epochs():
+    prog = get_strategy("progressive")
+    cfg = TrainConfig(data="x", strategy="progressive")
+    assert prog.resolve(cfg, 680)["epochs"] == 12  # 22 steps per epoch -> 250 steps
+    assert prog.resolve(cfg, 4000)["epochs"] == 4  # large sets: at least the minimum
+    assert prog.resolve(cfg, 40)["epochs"] == 15  # tiny sets: capped
+    assert prog.resolve(cfg)["epochs"] == 4  # size unknown
+    assert prog.resolve(cfg.replace(epochs=2), 680)["epochs"] == 2  # the user's value wins
+    assert prog.resolve(cfg.replace(batch_size=64), 680)["epochs"] == 15
+    assert prog.resolve(cfg, 680)["augment"] == "strong"
+    assert prog.resolve(cfg.replace(augment="none"), 680)["augment"] == "none"
+    for name, epochs in (("full", 3), ("partial:2", 4)):  # epoch-based, light augmentation
+        assert get_strategy(name).resolve(cfg, 680)["epochs"] == epochs
+        assert get_strategy(name).resolve(cfg, 680)["augment"] == "light"

@@ -15,7 +15,7 @@ from .errors import AffinageError
 DEMO_DATA = "digits"
 DEMO_MODEL = "efficientnet_lite0"
 DEMO_STRATEGY = "linear-probe"
-DEMO_PRESET = {"strategy": "full", "image_size": 128, "train_image_size": 128, "epochs": 4}  # `affinage demo`: ~0.96 test accuracy, ~1.5 min on 2 CPU cores
+DEMO_PRESET = {"strategy": "full", "image_size": 128, "train_image_size": 128, "epochs": 4, "augment": "light"}  # `affinage demo`: ~0.96 test accuracy, ~1.5 min on 2 CPU cores
 
 
 def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -> None:
@@ -47,7 +47,8 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
     h.add_argument("--lora-rank", type=int, default=8, help="LoRA adapter rank (strategy lora; default: %(default)s)")
     h.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scaling alpha (default: %(default)s)")
     h.add_argument("--label-smoothing", type=float, default=0.1, help="default: %(default)s")
-    h.add_argument("--augment", choices=AUGMENT_PRESETS, default="light", help="augmentation preset (default: light)")
+    h.add_argument("--augment", choices=AUGMENT_PRESETS,
+                   help="augmentation preset (default: the strategy's: strong for progressive, light otherwise)")
     h.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warmup before cosine decay (default: 0.5)")
     h.add_argument("--patience", type=int, help="early stopping: epochs without val improvement")
     h.add_argument("--head-init", choices=("probe", "random"), default="probe",
@@ -226,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p, data_required=False)
     # Digits are 8x8 pixels and far from ImageNet: fine-tune everything, at 128 px (224 adds nothing but time).
     p.set_defaults(func=cmd_demo, strategy=DEMO_PRESET["strategy"], image_size=DEMO_PRESET["image_size"],
-                   train_image_size=DEMO_PRESET["train_image_size"], epochs=DEMO_PRESET["epochs"])
+                   train_image_size=DEMO_PRESET["train_image_size"], epochs=DEMO_PRESET["epochs"],
+                   augment=DEMO_PRESET["augment"])
 
     p = sub.add_parser("train", help="fine-tune a backbone on your data and write a run directory",
                        description="Train with one strategy and write a run directory (config, split lists, skipped "

@@ -42,7 +42,7 @@ class TrainConfig:
     batch_size: int | None = None  # None: the strategy's (32 when the backbone trains, 128 on cached features)
     weight_decay: float | None = None  # never applied to biases and norm weights
     label_smoothing: float = 0.1
-    augment: str = "light"
+    augment: str | None = None  # None: the strategy's preset (strong for progressive, light otherwise)
     layer_decay: float | None = None  # LR multiplier per block going down from the head (full, partial)
     warmup_epochs: float = 0.5
     patience: int | None = None  # early stopping on val accuracy (None: the strategy's); the best weights are kept
@@ -79,7 +79,7 @@ class TrainConfig:
             raise AffinageError(f"epochs must be >= 1, got {self.epochs}", "pass --epochs 1 or more")
         if self.lr is not None and not self.lr > 0:
             raise AffinageError(f"lr must be > 0, got {self.lr}", "pass e.g. --lr 1e-3")
-        if self.augment not in AUGMENT_PRESETS:
+        if self.augment is not None and self.augment not in AUGMENT_PRESETS:
             raise AffinageError(f"unknown augmentation preset '{self.augment}'", f"choose one of {', '.join(AUGMENT_PRESETS)}")
         if self.precision not in PRECISIONS:
             raise AffinageError(f"unknown precision '{self.precision}'", f"choose one of {', '.join(PRECISIONS)}")

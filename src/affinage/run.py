@@ -262,7 +262,7 @@ def _finetune(data: str, model: str, strategy: str, out: str | os.PathLike[str] 
         f"images ({splits.how})")
 
     net.reset_classifier(len(classes), strat.head_hidden)
-    hp = strat.resolve(cfg)
+    hp = strat.resolve(cfg, len(splits.train))
     reason = f"{strat.name}, as requested"
     history: list[dict[str, Any]] = []
     feature_seconds = 0.0
@@ -287,7 +287,7 @@ def _finetune(data: str, model: str, strategy: str, out: str | os.PathLike[str] 
             strat, reason, auto_evidence = get_strategy(choice.strategy), choice.reason, choice.evidence
             if strat.head_hidden != net.head_hidden:
                 net.reset_classifier(len(classes), strat.head_hidden)
-            hp = strat.resolve(cfg)
+            hp = strat.resolve(cfg, len(splits.train))
             log(reason)
         probe_hp = hp if strat.uses_cached_features else get_strategy("linear-probe").resolve(
             TrainConfig(data=cfg.data, seed=cfg.seed))
@@ -315,7 +315,7 @@ def _finetune(data: str, model: str, strategy: str, out: str | os.PathLike[str] 
         train_size = cfg.train_image_size or (_round_to(pp.input_size * 0.8, 16) if net.flexible_input_size else None)
         hp["train_image_size"] = train_size or pp.input_size
         train_ds = PixelDataset(decoded.pixels, splits.train, y[splits.train].tolist(),
-                                train_transform(pp, cfg.augment, train_size))
+                                train_transform(pp, hp["augment"], train_size))
         val_ds = PixelDataset(decoded.pixels, splits.val, y[splits.val].tolist(), eval_transform(pp))
         module = strat.wrap(net, hp)
         groups = strat.param_groups(module, hp)

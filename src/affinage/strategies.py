@@ -25,6 +25,9 @@ class Defaults:
     batch_size: int | None = None
     patience: int = 3
     lr_min: float | None = None  # set: discriminative LRs from lr (head) down to lr_min (lowest trained block)
+    steps: int | None = None  # set: train for about this many optimizer steps (big_vision's transfer configs count
+    max_epochs: int | None = None  # steps, not epochs): epochs = ceil(steps / steps per epoch), in [epochs, max_epochs]
+    augment: str = "light"
 
 
 class Strategy:
@@ -35,18 +38,24 @@ class Strategy:
     head_hidden: int | None = None
     defaults = Defaults(epochs=1, lr=1e-3, weight_decay=1e-4)
 
-    def resolve(self, cfg: TrainConfig) -> dict[str, Any]:
-        """Effective hyper-parameters: the user's where given, else this strategy's defaults."""
+    def resolve(self, cfg: TrainConfig, n_train: int | None = None) -> dict[str, Any]:
+        """Effective hyper-parameters: the user's where given, else this strategy's defaults (the number of epochs
+        may depend on the number of training images `n_train`)."""
         lr = cfg.lr or self.defaults.lr
+        batch_size = cfg.batch_size or self.defaults.batch_size or 32
+        epochs = cfg.epochs or self.defaults.epochs
+        if cfg.epochs is None and self.defaults.steps and n_train:
+            per_epoch = math.ceil(n_train / (batch_size * cfg.grad_accum))
+            epochs = min(max(epochs, math.ceil(self.defaults.steps / per_epoch)), self.defaults.max_epochs or epochs)
         if cfg.lr_min is not None and cfg.lr_min > lr:
             raise AffinageError(f"lr_min {cfg.lr_min:g} is above the head's lr {lr:g}",
                                 "pass --lr-min below --lr (fastai's slice(lr/100, lr) is --lr-min 1e-5 --lr 1e-3)")
-        return {"epochs": cfg.epochs or self.defaults.epochs, "lr": lr,
+        return {"epochs": epochs, "lr": lr, "augment": cfg.augment or self.defaults.augment,
                 "weight_decay": self.defaults.weight_decay if cfg.weight_decay is None else cfg.weight_decay,
                 "layer_decay": cfg.layer_decay or self.defaults.layer_decay,
                 "lr_min": cfg.lr_min if cfg.lr_min is not None else self.defaults.lr_min,
                 "patience": cfg.patience or self.defaults.patience,
-                "batch_size": cfg.batch_size or self.defaults.batch_size or 32,
+                "batch_size": batch_size,
                 **self.extra_hyperparameters(cfg)}
 
     def extra_hyperparameters(self, cfg: TrainConfig) -> dict[str, Any]:
@@ -108,6 +117,8 @@ class Full(Strategy):
     """Every parameter trains; LR decays layer-wise from the head down (timm's layer decay)."""
 
     name = "full"
+    # short and light: on oxford17 0.956 test accuracy in ~2.5 min on 2 CPU cores (the HF Trainer recipe: 0.615 in
+    # ~3 min); `progressive` is the long, strongly augmented schedule
     defaults = Defaults(epochs=3, lr=3e-4, weight_decay=0.05, layer_decay=0.8)
 
     def trainable_depth(self, model: ImageClassifier, epoch: int, epochs: int) -> int:
@@ -119,7 +130,10 @@ class Progressive(Strategy):
     each deeper block at a lower LR (fastai's discriminative LRs)."""
 
     name = "progressive"
-    defaults = Defaults(epochs=4, lr=3e-4, weight_decay=0.05, layer_decay=0.7)
+    # ~250 optimizer steps (at least 4 epochs, at most 15) with strong augmentation: one more block unfrozen per
+    # epoch on oxford17 (680 images -> 12 epochs)
+    defaults = Defaults(epochs=4, lr=3e-4, weight_decay=0.05, layer_decay=0.7, steps=250, max_epochs=15,
+                        augment="strong", patience=5)
 
     def trainable_depth(self, model: ImageClassifier, epoch: int, epochs: int) -> int:
         total = len(model.block_names) + 1
