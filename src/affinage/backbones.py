@@ -176,8 +176,11 @@ def rebuild_model(spec: BackboneSpec, preprocessing: Preprocessing, num_classes:
 def _wrap(backbone: nn.Module, spec: BackboneSpec, pp: Preprocessing, num_classes: int,
           head_hidden: int | None) -> ImageClassifier:
     backbone.eval()
-    with torch.no_grad():
-        num_features = int(backbone(torch.zeros(1, 3, pp.input_size, pp.input_size)).shape[-1])
+    # timm says its pooled feature size (a forward pass at full size costs a second on a CPU); others: measure it
+    num_features = getattr(backbone, "head_hidden_size", None) or getattr(backbone, "num_features", None)
+    if spec.source != "timm" or not isinstance(num_features, int):
+        with torch.no_grad():
+            num_features = int(backbone(torch.zeros(1, 3, pp.input_size, pp.input_size)).shape[-1])
     if spec.source == "timm":
         stem, blocks, no_decay = _timm_groups(backbone)
     else:

@@ -80,18 +80,30 @@ class FootprintTracker:
         self._cpu0 = 0.0
 
     def start(self) -> "FootprintTracker":
+        """Starts codecarbon in a background thread: its hardware probe takes about a second, which then overlaps
+        with loading the model instead of adding to every run."""
+        import threading
+
         self._t0, self._cpu0 = time.perf_counter(), _cpu_seconds()
+        self._starter = threading.Thread(target=self._start_codecarbon, name="affinage-footprint", daemon=True)
+        self._starter.start()
+        return self
+
+    def _start_codecarbon(self) -> None:
         try:
-            self._tracker = _codecarbon_tracker(self.country)
+            tracker = _codecarbon_tracker(self.country)
             with _quiet():
-                self._tracker.start()
+                tracker.start()
+            self._tracker, self._tracked_from = tracker, time.perf_counter()
         except Exception as exc:  # any codecarbon failure: fall back to the estimate, never fail the run
             self._tracker, self._error = None, _one_line(exc)
-        return self
 
     def stop(self) -> dict[str, Any]:
         if self.result is not None:
             return self.result
+        starter = getattr(self, "_starter", None)
+        if starter is not None:
+            starter.join(timeout=60)
         seconds = time.perf_counter() - self._t0
         result = None
         if self._tracker is not None:
@@ -109,6 +121,10 @@ class FootprintTracker:
     def _from_codecarbon(self, tracker: Any, seconds: float) -> dict[str, Any] | None:
         data = tracker.final_emissions_data
         energy, co2 = float(data.energy_consumed or 0.0), float(data.emissions or 0.0)
+        # codecarbon started a moment after the run (in the background): extend its figures to the whole run
+        tracked = max(1e-6, seconds - (getattr(self, "_tracked_from", self._t0) - self._t0))
+        scale = min(10.0, seconds / tracked)
+        energy, co2 = energy * scale, co2 * scale
         if not (energy > 0 and co2 > 0):
             self._error = f"codecarbon reported {energy} kWh / {co2} kg"
             return None
@@ -133,8 +149,8 @@ class FootprintTracker:
                  ", ".join(estimated) + " estimated" if estimated else ""]
         method = f"{'measured' if measured else 'estimated'}: codecarbon ({'; '.join(p for p in parts if p)})"
         return self._result(energy, co2, seconds, method, measured=bool(measured),
-                            cpu_kwh=float(data.cpu_energy or 0.0), gpu_kwh=float(data.gpu_energy or 0.0),
-                            ram_kwh=float(data.ram_energy or 0.0), tracking_mode=data.tracking_mode,
+                            cpu_kwh=float(data.cpu_energy or 0.0) * scale, gpu_kwh=float(data.gpu_energy or 0.0) * scale,
+                            ram_kwh=float(data.ram_energy or 0.0) * scale, tracking_mode=data.tracking_mode,
                             tracker=f"codecarbon {data.codecarbon_version}")
 
     def _estimate(self, seconds: float) -> dict[str, Any]:

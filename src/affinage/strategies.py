@@ -221,6 +221,7 @@ class AutoChoice:
 NEAR_KNN = 0.80  # frozen features already separate the classes this well (chance-corrected k-NN): the domain is near
 NEAR_ENTROPY = 0.45  # the backbone's own predictions on the new images are this sure (1 = uniform over its classes)
 SMALL_PER_CLASS = 250  # fewer training images per class than this: little data
+FAR_FEW_PER_CLASS = 50  # far domain with fewer images per class than this: unfreeze gradually (progressive)
 
 
 def choose_strategy(features: Any, labels: Any, pretrained_head: tuple[Any, Any] | None = None,
@@ -260,8 +261,8 @@ def choose_strategy(features: Any, labels: Any, pretrained_head: tuple[Any, Any]
     if near:
         strategy = "linear-probe" if small else "partial:2"
     else:
-        strategy = "progressive" if per_class < 50 else "full"
-    bits = [f"{n_classes} classes, median {per_class} training images per class ({'little' if small else 'plenty of'} data)",
+        strategy = "progressive" if per_class < FAR_FEW_PER_CLASS else "full"
+    bits = [f"{n_classes} classes, median {per_class} training images per class",
             f"a 5-NN on frozen features reaches {knn:.2f} on train (chance {chance:.2f}, chance-corrected {knn_gain:.2f}; "
             f"near needs >= {NEAR_KNN})"]
     if entropy is not None:
@@ -269,11 +270,12 @@ def choose_strategy(features: Any, labels: Any, pretrained_head: tuple[Any, Any]
                     f"images (normalised entropy {entropy:.2f}; near needs <= {NEAR_ENTROPY})")
     verdict = {("near", True): "the images look like what the backbone already knows and data are few, so the frozen "
                                "features are the safest bet",
-               ("near", False): "the images look familiar and there is enough data to adapt the top blocks",
-               ("far", True): "the images are far from what the backbone knows, so its layers must adapt; with few "
-                              "images, unfreeze gradually",
-               ("far", False): "the images are far from what the backbone knows and data are plentiful, so fine-tune "
-                               "everything"}[("near" if near else "far", per_class < (SMALL_PER_CLASS if near else 50))]
+               ("near", False): f"the images look familiar and there is enough data (>= {SMALL_PER_CLASS} per class) "
+                                "to adapt the top blocks",
+               ("far", True): "the images are far from what the backbone knows, so its layers must adapt; with under "
+                              f"{FAR_FEW_PER_CLASS} images per class, unfreeze gradually",
+               ("far", False): "the images are far from what the backbone knows and there are enough of them "
+                               f"(>= {FAR_FEW_PER_CLASS} per class) to fine-tune everything"}[("near" if near else "far", per_class < (SMALL_PER_CLASS if near else FAR_FEW_PER_CLASS))]
     reason = f"auto chose {strategy}: {verdict} — " + "; ".join(bits) + "."
     evidence = {"classes": n_classes, "images_per_class": per_class, "knn_accuracy": round(knn, 4),
                 "chance": round(chance, 4), "knn_gain": round(knn_gain, 4),
