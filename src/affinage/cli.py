@@ -318,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    # torch 2.15 can print this kernel-registration notice at import in a fresh environment: noise, not the user's
+    warnings.filterwarnings("ignore", message=r"Warning only once for all operators", category=UserWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
