@@ -5,7 +5,7 @@ Runs each command as a subprocess (wall time includes start-up, as a user sees i
 AFFINAGE_CACHE_DIR per affinage run unless --warm, and prints one JSON line per run plus ratio lines.
 
 Recipes (affinage train options):
-  fast          linear probe on 160-px features: the quickest way past the seed recipe's accuracy
+  fast          linear probe on 128-px features: the quickest way past the seed recipe's accuracy
   linear-probe  the default probe at the checkpoint's size
   full          full fine-tuning with the strategy's defaults
   lora          LoRA adapters + head
@@ -36,7 +36,7 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str
 
 
 RECIPES = {
-    "fast": ["--strategy", "linear-probe", "--image-size", "160"],
+    "fast": ["--strategy", "linear-probe", "--image-size", "128"],
     "linear-probe": ["--strategy", "linear-probe"],
     "full": ["--strategy", "full"],
     "lora": ["--strategy", "lora"],
