@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .config import AUGMENT_PRESETS, PRECISIONS, STRATEGY_NAMES
+from .config import AUGMENT_PRESETS, COMPARE_STRATEGIES, PRECISIONS, STRATEGY_NAMES
 from .errors import AffinageError
 
 DEMO_DATA = "digits"
@@ -296,15 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 
-    from .compare import DEFAULT_STRATEGIES
-
     p = sub.add_parser("compare", help="run several strategies on the same split and compare accuracy, time, energy",
                        description="Every strategy on the same data, split and seed, each as its own `affinage train` "
                                    "run; writes compare.csv, compare.md and compare.png (accuracy vs wall time, point "
                                    "size = energy) and names the cheapest strategy that meets the targets.")
     p.add_argument("--data", required=True, help="as for `affinage train`")
     p.add_argument("--model", default=DEMO_MODEL, help="backbone, as for `affinage train` (default: %(default)s)")
-    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+    p.add_argument("--strategies", default=",".join(COMPARE_STRATEGIES),
                    help="comma-separated strategies (default: %(default)s)")
     p.add_argument("--target", action="append", metavar="EXPR",
                    help="e.g. accuracy>=0.95 (repeatable); the cheapest strategy meeting all of them is named")

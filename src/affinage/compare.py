@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import check_strategy
-from .data import PATH_ERRORS
+from .config import COMPARE_STRATEGIES, check_strategy
 from .errors import AffinageError
 from .storage import atomic_path, read_json, write_text
 
-DEFAULT_STRATEGIES = ("linear-probe", "head", "partial:2", "progressive", "full", "lora")
+DEFAULT_STRATEGIES = COMPARE_STRATEGIES
 COLUMNS = ("strategy", "test_accuracy", "macro_f1", "trainable_params", "wall_seconds", "samples_per_second",
            "peak_memory_mb", "energy_kwh", "co2_kg", "targets_met", "features_cached", "run_dir")
 
@@ -167,6 +166,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    from .data import PATH_ERRORS
+
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
         w = csv.DictWriter(fh, fieldnames=list(COLUMNS))
         w.writeheader()

@@ -11,6 +11,7 @@ import yaml
 from .errors import AffinageError
 
 STRATEGY_NAMES = ("linear-probe", "head", "partial:N", "full", "progressive", "lora", "auto")
+COMPARE_STRATEGIES = ("linear-probe", "head", "partial:2", "progressive", "full", "lora")  # `affinage compare`'s default
 AUGMENT_PRESETS = ("none", "light", "strong")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -191,13 +191,13 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "line
     parse_targets(cfg.targets)  # a typo in --target fails now, not after training
     footprint = FootprintTracker(cfg.country, cfg.water_l_per_kwh).start()  # energy, CO2 and water of the whole run
     try:
-        return _finetune(data, model, strategy, out, progress, log, footprint, **options)
+        return _finetune(cfg, out, progress, log, footprint)
     finally:
         footprint.stop()
 
 
-def _finetune(data: str, model: str, strategy: str, out: str | os.PathLike[str] | None, progress: bool,
-              log: Callable[[str], None], footprint: Any, **options: Any) -> Run:
+def _finetune(cfg: TrainConfig, out: str | os.PathLike[str] | None, progress: bool, log: Callable[[str], None],
+              footprint: Any) -> Run:
     import torch
 
     from .backbones import create_model, fingerprint
@@ -217,7 +217,6 @@ def _finetune(data: str, model: str, strategy: str, out: str | os.PathLike[str] 
     )
 
     t_start = time.perf_counter()
-    cfg = TrainConfig(data=str(data), model=model, strategy=strategy, **options)
     auto = cfg.strategy == "auto"
     strat = get_strategy("linear-probe" if auto else cfg.strategy)  # auto: decided once the features are known
     images = load_source(cfg.data, cfg.group_by)  # validates the data path before anything slow
@@ -468,7 +467,6 @@ def _check_split_classes(samples: Sequence[Sample], splits: Splits, classes: lis
 def _save_adapter(run_dir: Path, module: Any) -> None:
     """peft's own adapter folder (adapter_config.json + adapter_model.safetensors, head included), written to a
     temporary folder and renamed into place."""
-    import shutil
     import tempfile
 
     target = run_dir / MODEL_DIR / "adapter"

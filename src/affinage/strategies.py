@@ -169,15 +169,8 @@ class Lora(Strategy):
     def param_groups(self, model: nn.Module, hp: dict[str, Any]) -> list[dict[str, Any]]:
         """Adapters and head at the same LR; no decay on biases (the head's), decay on the adapter matrices."""
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        groups = []
-        for name, keep in (("head", lambda n: "lora_" not in n), ("lora", lambda n: "lora_" in n)):
-            params = [(n, p) for n, p in named if keep(n)]
-            for suffix, ps, wd in (("", [p for n, p in params if p.ndim > 1], hp["weight_decay"]),
-                                   ("/no_decay", [p for n, p in params if p.ndim <= 1], 0.0)):
-                if ps:
-                    groups.append({"params": ps, "lr": hp["lr"], "initial_lr": hp["lr"], "weight_decay": wd,
-                                   "name": name + suffix})
-        return groups
+        return (decay_groups("head", [(n, p) for n, p in named if "lora_" not in n], hp["lr"], hp["weight_decay"])
+                + decay_groups("lora", [(n, p) for n, p in named if "lora_" in n], hp["lr"], hp["weight_decay"]))
 
     def apply(self, model: nn.Module, epoch: int, epochs: int) -> int:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -304,24 +297,25 @@ def param_groups(model: ImageClassifier, depth: int, lr: float, weight_decay: fl
     """Optimizer groups: the head at `lr`, block k from the top at lr * layer_decay**k (layer-wise decay) or,
     with `lr_min`, spread geometrically from lr down to lr_min at the lowest trained block (fastai's
     discriminative `slice(lr_min, lr)`); no decay on biases, norm weights, tokens and position embeddings."""
-    groups: list[dict[str, Any]] = []
-
-    def add(name: str, named: list[tuple[str, nn.Parameter]], group_lr: float, no_decay: set[str]) -> None:
-        decay = [p for n, p in named if n not in no_decay and p.ndim > 1]
-        plain = [p for n, p in named if n in no_decay or p.ndim <= 1]
-        for suffix, params, wd in (("", decay, weight_decay), ("/no_decay", plain, 0.0)):
-            if params:
-                groups.append({"params": params, "lr": group_lr, "initial_lr": group_lr, "weight_decay": wd,
-                               "name": name + suffix})
-
-    add("head", list(model.head.named_parameters()), lr, set())
+    groups = decay_groups("head", list(model.head.named_parameters()), lr, weight_decay)
     blocks = model.blocks()
     trained = min(depth, len(blocks))
     for k in range(trained):
         index = len(blocks) - 1 - k
         block_lr = lr * (lr_min / lr) ** ((k + 1) / trained) if lr_min else lr * layer_decay ** (k + 1)
-        add("stem" if index == 0 else f"block{index}", blocks[index], block_lr, model.no_weight_decay())
+        groups += decay_groups("stem" if index == 0 else f"block{index}", blocks[index], block_lr, weight_decay,
+                               model.no_weight_decay())
     return groups
+
+
+def decay_groups(name: str, named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
+                 no_decay: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """One LR for `named`, split in two optimizer groups: matrices with weight decay, and biases, norm weights and
+    the `no_decay` names without ("<name>/no_decay")."""
+    decay = [p for n, p in named if n not in no_decay and p.ndim > 1]
+    plain = [p for n, p in named if n in no_decay or p.ndim <= 1]
+    return [{"params": params, "lr": lr, "initial_lr": lr, "weight_decay": wd, "name": name + suffix}
+            for suffix, params, wd in (("", decay, weight_decay), ("/no_decay", plain, 0.0)) if params]
 
 
 def set_norms_eval(model: nn.Module, all_norms: bool = True) -> None:
