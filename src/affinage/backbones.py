@@ -408,3 +408,107 @@ def fingerprint(model: ImageClassifier) -> str:
     for name, tensor in model.backbone.state_dict().items():
         parts += [name, tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()]
     return digest(*parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbone cards: what a run on cached features needs from a frozen backbone, without building it
+# ----------------------------------------------------------------------------------------------
+CARD_FORMAT = "backbone-card-v1"
+
+
+@dataclass
+class BackboneCard:
+    """A frozen backbone as cached-feature strategies see it: its spec, preprocessing, feature size, the key of
+    its cached features, and its weights (saved once, as safetensors, so a run whose features are all cached
+    writes its model without importing timm/transformers or building the network)."""
+
+    spec: BackboneSpec
+    preprocessing: Preprocessing
+    num_features: int
+    num_blocks: int
+    params: int  # backbone parameters (the head is added by the run)
+    fingerprint: str
+    weights: Path
+
+    def describe(self, head_params: int) -> dict[str, Any]:
+        """The same figures as `ImageClassifier.describe()` for the assembled model."""
+        return {"backbone": self.spec.origin, "num_features": self.num_features, "num_blocks": self.num_blocks,
+                "params": self.params + head_params, "preprocessing": self.preprocessing.to_dict()}
+
+    def state_dict(self, head: nn.Module) -> dict[str, torch.Tensor]:
+        """The assembled model's state dict (same names as `ImageClassifier.state_dict()`)."""
+        from safetensors.torch import load_file
+
+        state = {f"backbone.{k}": v for k, v in load_file(str(self.weights)).items()}
+        state.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
+        return state
+
+
+def card_key(model: str, image_size: int | None) -> str | None:
+    """Cache key of a model's card, from the identity of its weight files (path, size, mtime) and the library
+    versions; None where that identity is not cheap to know (timm:/hf: hub names: their cache can change
+    revision), so those always build the model."""
+    from importlib import metadata, util
+
+    files: list[Path] = []
+    if model in BUILTIN:
+        spec = util.find_spec(BUILTIN[model][1])
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        files = sorted(Path(p) for p in glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "models", "*.pth")))
+    elif not model.startswith(("timm:", "hf:")) and os.path.isdir(os.path.expanduser(model)):
+        files = sorted(p for p in Path(model).expanduser().resolve().iterdir() if p.is_file())
+    if not files:
+        return None
+    versions = []
+    for package in ("torch", "timm", "transformers"):
+        try:
+            versions.append(f"{package}={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{package}=none")
+    stats = [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return digest(CARD_FORMAT, model, str(image_size), *versions, *stats)
+
+
+def _card_folder(key: str) -> Path:
+    from .storage import cache_dir
+
+    return cache_dir() / "backbones" / key
+
+
+def load_card(key: str | None) -> BackboneCard | None:
+    """The cached card for `key`, or None (absent, or from an older format, or its weights are gone)."""
+    if key is None:
+        return None
+    folder = _card_folder(key)
+    try:
+        info = json.loads((folder / "card.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    weights = folder / "backbone.safetensors"
+    if info.get("format") != CARD_FORMAT or not weights.is_file():
+        return None
+    return BackboneCard(BackboneSpec.from_dict(info["spec"]), Preprocessing.from_dict(info["preprocessing"]),
+                        int(info["num_features"]), int(info["num_blocks"]), int(info["params"]), info["fingerprint"],
+                        weights)
+
+
+def save_card(key: str | None, model: ImageClassifier, model_fingerprint: str) -> None:
+    """Write the card of a pretrained, frozen backbone (weights first, card.json last: a card never points at
+    missing weights). Best effort: a full disk only costs the next run its shortcut."""
+    from safetensors.torch import save_file
+
+    from .storage import atomic_path, write_json
+
+    if key is None:
+        return
+    folder = _card_folder(key)
+    try:
+        with atomic_path(folder / "backbone.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}, str(tmp))
+        write_json(folder / "card.json", {
+            "format": CARD_FORMAT, "spec": model.spec.to_dict(), "preprocessing": model.preprocessing.to_dict(),
+            "num_features": model.num_features, "num_blocks": len(model.block_names),
+            "params": sum(p.numel() for p in model.backbone.parameters()), "fingerprint": model_fingerprint})
+    except (OSError, RuntimeError, ValueError):  # disk full, read-only cache, tensors safetensors cannot share
+        pass

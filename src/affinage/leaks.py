@@ -16,7 +16,7 @@ import numpy as np
 
 from .data import Sample, Splits
 from .errors import AffinageError
-from .storage import atomic_path
+from .storage import atomic_path, digest
 
 HASH_SIZE = 16  # 256-bit hash: 64 bits (imagehash's default) leaves distinct photos of one flower species too close
 # Max Hamming distance (of 256 bits) of a near copy. Resized/re-encoded copies land at <= 12 and 3%-cropped ones at
@@ -43,18 +43,37 @@ def perceptual_hashes(pixels: np.ndarray, hash_size: int = HASH_SIZE, batch: int
     2-D DCT, keep the lowest frequencies, threshold at their median (imagehash.phash)."""
     import torch
     from scipy.fft import dct
-    from torchvision.transforms.v2 import functional as F
 
     side = 4 * hash_size
     out = np.zeros((len(pixels), hash_size * hash_size), dtype=bool)
     luma = np.array([0.299, 0.587, 0.114]).reshape(1, 3, 1, 1)
     for start in range(0, len(pixels), batch):
         x = torch.from_numpy(np.array(pixels[start:start + batch]))
-        small = F.resize(x, [side, side], antialias=True).numpy()  # uint8 antialiased resize: fast on big arrays
+        # uint8 antialiased bilinear resize (what torchvision's resize runs; fast on big arrays)
+        small = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True,
+                                                align_corners=False).numpy()
         grey = (small * luma).sum(1)
         freq = dct(dct(grey, axis=1), axis=2)[:, :hash_size, :hash_size].reshape(len(grey), -1)
         out[start:start + len(grey)] = freq > np.median(freq, axis=1, keepdims=True)
     return out
+
+
+def cached_perceptual_hashes(pixels: np.ndarray, content_hashes: Sequence[str], pixels_key: str) -> np.ndarray:
+    """`perceptual_hashes`, kept in the cache keyed by the files' contents and how they were decoded (`pixels_key`):
+    a rerun on the same images skips the resize + DCT (and importing scipy)."""
+    from .storage import cache_dir
+
+    path = cache_dir() / "phash" / f"{digest('phash-v1', str(HASH_SIZE), pixels_key, *content_hashes)}.npy"
+    try:
+        codes = np.load(path)
+        if codes.shape == (len(pixels), HASH_SIZE * HASH_SIZE) and codes.dtype == bool:
+            return codes
+    except (OSError, ValueError):
+        pass
+    codes = perceptual_hashes(pixels)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, codes)
+    return codes
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -64,8 +83,9 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def find_leaks(pixels: np.ndarray, content_hashes: Sequence[str], splits: Splits,
-               max_distance: int = NEAR_DUPLICATE_BITS) -> list[Leak]:
-    """Every pair of images in different splits that are exact copies or within `max_distance` hash bits."""
+               max_distance: int = NEAR_DUPLICATE_BITS, codes: np.ndarray | None = None) -> list[Leak]:
+    """Every pair of images in different splits that are exact copies or within `max_distance` hash bits
+    (`codes`: the images' perceptual hashes when already known)."""
     member = {i: name for name, idx in splits.items() for i in idx}
     used = sorted(member)
     leaks: dict[tuple[int, int], Leak] = {}
@@ -86,7 +106,7 @@ def find_leaks(pixels: np.ndarray, content_hashes: Sequence[str], splits: Splits
                 add(i, j, "exact", 0)
 
     if max_distance >= 0 and used:
-        codes = perceptual_hashes(pixels)
+        codes = perceptual_hashes(pixels) if codes is None else codes
         for earlier, later in (("train", "val"), ("train", "test"), ("val", "test")):
             ia, ib = dict(splits.items())[earlier], dict(splits.items())[later]
             if not ia or not ib:

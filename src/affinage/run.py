@@ -3,6 +3,7 @@ which reloads a run directory to predict or re-evaluate with nothing else."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 import shutil
@@ -200,10 +201,10 @@ def _finetune(cfg: TrainConfig, out: str | os.PathLike[str] | None, progress: bo
               footprint: Any) -> Run:
     import torch
 
-    from .backbones import create_model, fingerprint
+    from .backbones import card_key, create_model, fingerprint, load_card, make_head, save_card
     from .diagnosis import diagnose, format_findings
     from .evaluate import calibration, classification_metrics, group_metrics
-    from .strategies import choose_strategy, get_strategy, set_norms_eval
+    from .strategies import choose_strategy, decay_groups, get_strategy, set_norms_eval
     from .targets import check_targets, format_result, parse_targets
     from .train import (
         CHECKPOINT_DIR,
@@ -212,6 +213,7 @@ def _finetune(cfg: TrainConfig, out: str | os.PathLike[str] | None, progress: bo
         default_device,
         default_workers,
         fit,
+        load_cached_features,
         resolve_precision,
         seed_everything,
     )
@@ -222,9 +224,17 @@ def _finetune(cfg: TrainConfig, out: str | os.PathLike[str] | None, progress: bo
     images = load_source(cfg.data, cfg.group_by)  # validates the data path before anything slow
     parse_targets(cfg.targets, images.classes)  # a class named in --target must exist, checked before any run dir
     t0 = time.perf_counter()
-    net = create_model(cfg.model, num_classes=2, pretrained=cfg.pretrained, head_hidden=strat.head_hidden,
-                       image_size=cfg.image_size, trust_remote_code=cfg.trust_remote_code)
-    pp = net.preprocessing
+
+    def build() -> Any:
+        return create_model(cfg.model, num_classes=2, pretrained=cfg.pretrained, head_hidden=strat.head_hidden,
+                            image_size=cfg.image_size, trust_remote_code=cfg.trust_remote_code)
+
+    # A frozen pretrained backbone seen before has a card (spec, preprocessing, weights, features key): when every
+    # feature is cached too, the run never builds the network (a second linear-probe run skips timm entirely).
+    key = card_key(cfg.model, cfg.image_size) if strat.uses_cached_features and cfg.pretrained and not auto else None
+    card = load_card(key)
+    net = None if card is not None else build()
+    pp = card.preprocessing if card is not None else net.preprocessing
     model_seconds = time.perf_counter() - t0
     if cfg.resume:
         run_dir = resume_run_dir(out, cfg)  # its config.yaml is the same; the checkpoints carry the progress
@@ -250,7 +260,7 @@ def _finetune(cfg: TrainConfig, out: str | os.PathLike[str] | None, progress: bo
     samples = decoded.samples
     splits = (read_split_lists(Path(cfg.splits_from) / "splits", samples) if cfg.splits_from
               else make_splits(samples, cfg.seed, cfg.val_fraction, cfg.test_fraction))
-    splits, leak_info = _leak_check(run_dir, decoded, splits, cfg.drop_leaks, log)
+    splits, leak_info = _leak_check(run_dir, decoded, splits, cfg.drop_leaks, pp, log)
     classes = sorted({samples[i].label for i in splits.train})
     _check_split_classes(samples, splits, classes)
     parse_targets(cfg.targets, classes)  # again for the classes left in train (unreadable files are skipped)
@@ -260,7 +270,20 @@ def _finetune(cfg: TrainConfig, out: str | os.PathLike[str] | None, progress: bo
     log(f"data: {len(classes)} classes, {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test "
         f"images ({splits.how})")
 
-    net.reset_classifier(len(classes), strat.head_hidden)
+    feats = None
+    if card is not None:
+        feats = load_cached_features(card.fingerprint, precision.inference_dtype, decoded.hashes)
+        if feats is None:  # new images: the backbone must run after all (its random init must not move the seed)
+            t0 = time.perf_counter()
+            with torch.random.fork_rng(devices=[]):
+                net = build()
+            model_seconds += time.perf_counter() - t0
+            card = None
+    if net is not None:
+        net.reset_classifier(len(classes), strat.head_hidden)
+        head = net.head
+    else:
+        head = make_head(card.num_features, len(classes), strat.head_hidden)
     hp = strat.resolve(cfg, len(splits.train))
     reason = f"{strat.name}, as requested"
     history: list[dict[str, Any]] = []
@@ -276,9 +299,14 @@ def _finetune(cfg: TrainConfig, out: str | os.PathLike[str] | None, progress: bo
     t_train = time.perf_counter()
     if auto or strat.uses_cached_features or cfg.head_init == "probe":
         t0 = time.perf_counter()
-        net.to(device).to(memory_format=torch.channels_last)
-        feats, features_cached = cached_features(net, fingerprint(net), decoded.pixels, decoded.hashes, pp, device,
-                                                 precision.inference_dtype, progress)
+        if feats is not None:
+            features_cached = True
+        else:
+            net.to(device).to(memory_format=torch.channels_last)
+            model_key = fingerprint(net)
+            feats, features_cached = cached_features(net, model_key, decoded.pixels, decoded.hashes, pp, device,
+                                                     precision.inference_dtype, progress)
+            save_card(key, net, model_key)
         feature_seconds = time.perf_counter() - t0
         log(f"features: {tuple(feats.shape)} {'from cache' if features_cached else 'computed'} in {feature_seconds:.1f}s")
         if auto:
@@ -286,23 +314,24 @@ def _finetune(cfg: TrainConfig, out: str | os.PathLike[str] | None, progress: bo
             strat, reason, auto_evidence = get_strategy(choice.strategy), choice.reason, choice.evidence
             if strat.head_hidden != net.head_hidden:
                 net.reset_classifier(len(classes), strat.head_hidden)
+                head = net.head
             hp = strat.resolve(cfg, len(splits.train))
             log(reason)
         probe_hp = hp if strat.uses_cached_features else get_strategy("linear-probe").resolve(
             TrainConfig(data=cfg.data, seed=cfg.seed))
-        head = net.head
         tensors = {name: torch.utils.data.TensorDataset(feats[idx], torch.as_tensor(y[idx])) for name, idx in splits.items()}
-        from .strategies import param_groups as make_groups
-
-        groups = [g for g in make_groups(net, 0, probe_hp["lr"], probe_hp["weight_decay"], 1.0)]
+        groups = decay_groups("head", list(head.named_parameters()), probe_hp["lr"], probe_hp["weight_decay"])
         torch.manual_seed(cfg.seed)
         probe = fit(head, tensors["train"], tensors["val"], groups,
                     LoopSettings(epochs=probe_hp["epochs"], batch_size=probe_hp["batch_size"],
                                  warmup_epochs=cfg.warmup_epochs, patience=probe_hp["patience"], num_workers=0,
                                  phase="head" if strat.uses_cached_features else "head-init", progress=False,
-                                 checkpoint=run_dir / CHECKPOINT_DIR / "head.pt", **base_settings),
+                                 checkpoint=run_dir / CHECKPOINT_DIR / "head.pt", checkpoint_every=10.0,
+                                 **base_settings),
                     log=log)
-        net.head = head.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
+        head = head.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
+        if net is not None:
+            net.head = head
         history += probe.as_rows()
         log(f"head on frozen features: val accuracy {probe.best_val_accuracy:.3f} (epoch {probe.best_epoch})")
 
@@ -330,22 +359,36 @@ def _finetune(cfg: TrainConfig, out: str | os.PathLike[str] | None, progress: bo
         if module is not net:  # LoRA: keep the adapter (with its head) as peft saves it, then merge for inference
             _save_adapter(run_dir, module)
             net = strat.unwrap(module)
+        head = net.head
     train_seconds = time.perf_counter() - t_train
 
-    # Test: always through the full model, the same path `affinage eval` and `predict` use.
-    net = net.cpu().eval()
-    for p in net.parameters():
+    # Test: the way `affinage eval` evaluates the saved run: frozen backbones through the head on the cached
+    # features, others through the whole model.
+    head.eval()
+    for p in head.parameters():
         p.requires_grad_(False)
-    _save_model(run_dir, net, classes, precision.inference, strat.name)
+    if net is not None:
+        net = net.cpu().eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        _save_model(run_dir, net.state_dict(), net.spec, net.head_hidden, net.preprocessing, classes,
+                    precision.inference, strat.name)
+    else:
+        _save_model(run_dir, card.state_dict(head), card.spec, strat.head_hidden, card.preprocessing, classes,
+                    precision.inference, strat.name)
     run = Run.load(run_dir)
-    run._model = net
+    run._model = net  # None for a card-only run: loaded from the run directory when first used
     t0 = time.perf_counter()
-    test_logits = run.split_logits(decoded, splits.test, progress=progress)
+    if strat.uses_cached_features:
+        with torch.no_grad():
+            test_logits = head(feats[splits.test]).numpy()
+    else:
+        test_logits = run.split_logits(decoded, splits.test, progress=progress)
     eval_seconds = time.perf_counter() - t0
     test = classification_metrics(test_logits, y[splits.test], classes)
     _write_predictions(run_dir / "test_predictions.csv", samples, splits.test, test_logits, classes)
 
-    trainable = sum(p.numel() for p in net.head.parameters())
+    trainable = sum(p.numel() for p in head.parameters())
     if trained is not None:
         trainable = max(r["trainable_params"] for r in trained.as_rows())
     metrics = {
@@ -359,7 +402,8 @@ def _finetune(cfg: TrainConfig, out: str | os.PathLike[str] | None, progress: bo
         "data": {"source": images.description, "classes": classes, "split": splits.how,
                  "counts": {name: class_counts(samples, idx) for name, idx in splits.items()},
                  "skipped": len(decoded.skipped)},
-        "model": {**net.describe(), "trainable_params": trainable, "inference_precision": precision.inference},
+        "model": {**(net.describe() if net is not None else card.describe(trainable)), "trainable_params": trainable,
+                  "inference_precision": precision.inference},
         "timing": {"wall_seconds": time.perf_counter() - t_start, "model_load_seconds": model_seconds,
                    "decode_seconds": decode_seconds, "decode_cache_hit": decoded.cache_hit,
                    "feature_seconds": feature_seconds, "features_cached": features_cached,
@@ -408,12 +452,21 @@ def peak_memory_mb(device: Any) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
-def _leak_check(run_dir: Path, decoded: DecodedImages, splits: Splits, drop: bool,
+def _leak_check(run_dir: Path, decoded: DecodedImages, splits: Splits, drop: bool, pp: Preprocessing,
                 log: Callable[[str], None]) -> tuple[Splits, dict[str, Any]]:
     """Find duplicates across splits (leaks.csv), and with `drop` remove them from val/test."""
-    from .leaks import NEAR_DUPLICATE_BITS, drop_leaked, find_leaks, label_conflicts, summary, write_leaks
+    from .leaks import (
+        NEAR_DUPLICATE_BITS,
+        cached_perceptual_hashes,
+        drop_leaked,
+        find_leaks,
+        label_conflicts,
+        summary,
+        write_leaks,
+    )
 
-    leaks = find_leaks(decoded.pixels, decoded.hashes, splits)
+    codes = cached_perceptual_hashes(decoded.pixels, decoded.hashes, json.dumps(pp.to_dict(), sort_keys=True))
+    leaks = find_leaks(decoded.pixels, decoded.hashes, splits, codes=codes)
     write_leaks(run_dir / "leaks.csv", leaks, decoded.samples)
     dropped: list[int] = []
     if leaks and drop:
@@ -479,20 +532,22 @@ def _save_adapter(run_dir: Path, module: Any) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save_model(run_dir: Path, net: Any, classes: list[str], inference: str, strategy: str) -> None:
+def _save_model(run_dir: Path, state: dict[str, Any], spec: Any, head_hidden: int | None, preprocessing: Preprocessing,
+                classes: list[str], inference: str, strategy: str) -> None:
+    """model/: the whole model's state dict (safetensors) and what rebuilds it (model.json)."""
     from safetensors.torch import save_file
 
     from .storage import atomic_path
 
     folder = run_dir / MODEL_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "producer": "affinage"})
     write_json(folder / "model.json", {
         "classes": classes, "id2label": {str(i): c for i, c in enumerate(classes)},
-        "backbone": net.spec.to_dict(), "head_hidden": net.head_hidden,
-        "preprocessing": net.preprocessing.to_dict(), "inference": inference, "strategy": strategy})
+        "backbone": spec.to_dict(), "head_hidden": head_hidden,
+        "preprocessing": preprocessing.to_dict(), "inference": inference, "strategy": strategy})
 
 
 def _write_predictions(path: Path, samples: Sequence[Sample], idx: list[int], logits: np.ndarray,

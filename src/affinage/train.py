@@ -104,18 +104,32 @@ def run_batches(fn: Callable[[torch.Tensor], torch.Tensor], pixels: np.ndarray, 
     return torch.cat(outs) if outs else torch.empty(0)
 
 
+def feature_cache_path(model_key: str, dtype: torch.dtype | None, hashes: list[str]) -> Path:
+    """Where the features of these files (content hashes, in order) under this backbone and precision live."""
+    return cache_dir() / "features" / f"{digest('features-v1', model_key, str(dtype), *hashes)}.safetensors"
+
+
+def load_cached_features(model_key: str, dtype: torch.dtype | None, hashes: list[str]) -> torch.Tensor | None:
+    """The cached features, or None when they were never computed (or the file is unreadable)."""
+    from safetensors.torch import load_file
+
+    path = feature_cache_path(model_key, dtype, hashes)
+    try:
+        return load_file(str(path))["features"] if path.exists() else None
+    except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, never trusted
+        return None
+
+
 def cached_features(model: nn.Module, model_key: str, pixels: np.ndarray, hashes: list[str], pp: Preprocessing,
                     device: torch.device, dtype: torch.dtype | None, progress: bool = True) -> tuple[torch.Tensor, bool]:
     """Pooled backbone features for every row of `pixels`, computed once and cached on disk, keyed by
     backbone weights + preprocessing + precision + file contents."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from .storage import atomic_path
-
-    key = digest("features-v1", model_key, str(dtype), *hashes)
-    path = cache_dir() / "features" / f"{key}.safetensors"
-    if path.exists():
-        return load_file(str(path))["features"], True
+    cached = load_cached_features(model_key, dtype, hashes)
+    if cached is not None:
+        return cached, True
+    path = feature_cache_path(model_key, dtype, hashes)
     model.eval()
     feats = run_batches(model.forward_features, pixels, list(range(len(hashes))), pp, device, dtype,  # type: ignore[operator]
                         desc="extracting features", progress=progress)
@@ -179,6 +193,9 @@ class LoopSettings:
     progress: bool = True
     checkpoint: Path | None = None  # saved after every epoch; if it exists at the start, training resumes from it
     checkpoint_key: str = ""  # what the checkpoint must have been made with (data, settings); checked on resume
+    # at least this many seconds between mid-phase checkpoints (0: after every epoch). A head on cached features
+    # runs 100 epochs of milliseconds each: rewriting its checkpoint every time would cost more than the epochs.
+    checkpoint_every: float = 0.0
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -279,6 +296,7 @@ def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         log(f"  {settings.phase}: resumed after epoch {done} from {settings.checkpoint}")
     spent_before, start = result.train_seconds, time.perf_counter()
+    last_checkpoint = start
     for epoch in range(done + 1, settings.epochs + 1):
         if finished:
             break
@@ -336,13 +354,17 @@ def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str
             log(f"  early stop: val accuracy has not improved for {settings.patience} epochs (best: epoch {result.best_epoch})")
         finished = result.stopped_early or epoch == settings.epochs
         result.train_seconds = spent_before + time.perf_counter() - start
-        if settings.checkpoint is not None and not finished:
+        if (settings.checkpoint is not None and not finished
+                and time.perf_counter() - last_checkpoint >= settings.checkpoint_every):
             save_checkpoint(settings.checkpoint, checkpoint_state(epoch, finished=False))
+            last_checkpoint = time.perf_counter()
     result.train_seconds = spent_before + time.perf_counter() - start
     unwrapped.load_state_dict(best_state)
     if settings.checkpoint is not None:
         save_checkpoint(settings.checkpoint, checkpoint_state(len(result.history) - 1, finished=True))
-    accelerator.free_memory()
+    if accelerator.device.type != "cpu":
+        accelerator.free_memory()  # give the device memory back before the next phase (it also runs a full gc:
+        # 0.2 s on a CPU, where the accelerator's references simply go with it when this function returns)
     return result
 
 
