@@ -139,6 +139,18 @@ def tiny_backbones(tiny_hf_vit: Path, tiny_timm: Path) -> dict[str, Path]:
     return {"hf-vit": tiny_hf_vit, "timm-resnet": tiny_timm}
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_images: Path, tiny_timm: Path) -> Path:
+    """A finished linear-probe run on the tiny images and tiny timm backbone, shared by the predict and serve
+    tests. Read-only for tests."""
+    from affinage.run import finetune
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    finetune(data=str(tiny_images), model=str(tiny_timm), strategy="linear-probe", out=out, progress=False,
+             log=lambda _: None)
+    return out
+
+
 requires_oxford17 = pytest.mark.skipif(not (SHARED / "oxford17" / "splits.csv").is_file(),
                                        reason=f"oxford17 photos not found at {SHARED / 'oxford17'}")
 

@@ -13,15 +13,7 @@ from conftest import CLASSES
 
 from affinage.cli import main
 from affinage.predict import CsvWriter, expand_inputs, iter_predictions, predict_files
-from affinage.run import Run, finetune
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_images, tiny_timm) -> Path:
-    out = tmp_path_factory.mktemp("predict") / "run"
-    finetune(data=str(tiny_images), model=str(tiny_timm), strategy="linear-probe", out=out, progress=False,
-             log=lambda _: None)
-    return out
+from affinage.run import Run
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from conftest import requires_oxford17
 
 from affinage.cli import build_parser, main
 from affinage.predict import held_out_photos
-from affinage.run import Run, finetune
+from affinage.run import Run
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -54,14 +54,6 @@ def served(oxford17_probe):
     app = launch(oxford17_probe)
     yield app
     stop(app)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_images, tiny_timm) -> Path:
-    out = tmp_path_factory.mktemp("serve") / "run"
-    finetune(data=str(tiny_images), model=str(tiny_timm), strategy="linear-probe", out=out, progress=False,
-             log=lambda _: None)
-    return out
 
 
 @pytest.fixture
