@@ -466,7 +466,7 @@ def card_key(model: str, image_size: int | None) -> str | None:
             versions.append(f"{package}={metadata.version(package)}")
         except metadata.PackageNotFoundError:
             versions.append(f"{package}=none")
-    stats = [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    stats = [f"{p}:{st.st_size}:{st.st_mtime_ns}" for p, st in ((p, p.stat()) for p in files)]
     return digest(CARD_FORMAT, model, str(image_size), *versions, *stats)
 
 

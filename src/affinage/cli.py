@@ -358,12 +358,6 @@ def entry() -> None:
     # as mypy does for the same reason; training allocates tensors, not reference cycles.
     gc.set_threshold(200_000, 30, 30)
     code = main()
-
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`affinage predict ... | head -1`): nothing more to say
-            code = code or 1
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # logging, thread pools, tqdm: what exit runs
     if run_exit_handlers is None:  # pragma: no cover - every CPython has it; else leave the slow, normal way
         sys.exit(code)
@@ -371,8 +365,8 @@ def entry() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError):  # a closed pipe (`affinage predict ... | head -1`): nothing more to say
+            code = code or 1
     os._exit(code)
 
 

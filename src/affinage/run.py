@@ -271,6 +271,7 @@ def _finetune(cfg: TrainConfig, out: str | os.PathLike[str] | None, progress: bo
         f"images ({splits.how})")
 
     feats = None
+    known_fingerprint = card.fingerprint if card is not None else None  # a card on disk: neither rehashed nor rewritten
     if card is not None:
         feats = load_cached_features(card.fingerprint, precision.inference_dtype, decoded.hashes)
         if feats is None:  # new images: the backbone must run after all (its random init must not move the seed)
@@ -303,10 +304,11 @@ def _finetune(cfg: TrainConfig, out: str | os.PathLike[str] | None, progress: bo
             features_cached = True
         else:
             net.to(device).to(memory_format=torch.channels_last)
-            model_key = fingerprint(net)
+            model_key = known_fingerprint or fingerprint(net)
             feats, features_cached = cached_features(net, model_key, decoded.pixels, decoded.hashes, pp, device,
                                                      precision.inference_dtype, progress)
-            save_card(key, net, model_key)
+            if known_fingerprint is None:
+                save_card(key, net, model_key)
         feature_seconds = time.perf_counter() - t0
         log(f"features: {tuple(feats.shape)} {'from cache' if features_cached else 'computed'} in {feature_seconds:.1f}s")
         if auto:

@@ -191,7 +191,7 @@ class LoopSettings:
     num_workers: int = 0
     phase: str = "train"
     progress: bool = True
-    checkpoint: Path | None = None  # saved after every epoch; if it exists at the start, training resumes from it
+    checkpoint: Path | None = None  # saved after epochs (see checkpoint_every); if it exists, training resumes from it
     checkpoint_key: str = ""  # what the checkpoint must have been made with (data, settings); checked on resume
     # at least this many seconds between mid-phase checkpoints (0: after every epoch). A head on cached features
     # runs 100 epochs of milliseconds each: rewriting its checkpoint every time would cost more than the epochs.
