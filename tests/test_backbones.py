@@ -237,8 +237,11 @@ def test_relative_position_tables_get_no_weight_decay(tmp_path, arch):
     assert not any(w in n for n in decayed for w in ("norm", "position", "cls_token"))
 
 
-def test_a_run_directory_is_not_a_backbone(tmp_path, tiny_images, tiny_timm):
+def test_a_run_directory_or_its_model_folder_is_a_starting_model(tmp_path, tiny_images, tiny_timm):
     run = finetune(data=str(tiny_images), model=str(tiny_timm), strategy="linear-probe", out=tmp_path / "run",
                    progress=False, log=_quiet, epochs=5)
-    with pytest.raises(AffinageError, match="affinage model"):
-        create_model(str(Path(run.path) / "model"), num_classes=2)
+    for where in (run.path, Path(run.path) / "model", f"run:{run.path}"):
+        model = create_model(str(where), num_classes=2)
+        assert model.pretrained_head.labels.classes == tuple(run.classes) and model.num_classes == 2
+    with pytest.raises(AffinageError, match="not a finished affinage run"):
+        create_model(f"run:{tmp_path / 'nothing'}", num_classes=2)

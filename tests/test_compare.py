@@ -9,14 +9,14 @@ import pytest
 from PIL import Image
 
 from affinage.cli import main
-from affinage.compare import COLUMNS, finish
+from affinage.compare import COLD, COLUMNS, finish
 
 
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory, tiny_timm, tiny_images):
     out = tmp_path_factory.mktemp("compare") / "cmp"
     code = main(["compare", "--data", str(tiny_images), "--model", str(tiny_timm), "--strategies", "linear-probe,partial:1",
-                 "--target", "accuracy>=0.6", "--out", str(out), "--quiet", "--train-args", "--epochs 1 --batch-size 8"])
+                 "--target", "accuracy>=0.6", "--out", str(out), "--quiet", "--train-args", "--epochs 1 --batch-size 8 --lr 0.03"])  # one epoch: a high lr
     return code, out
 
 
@@ -48,6 +48,19 @@ def test_compare_runs_share_one_split(comparison):
         assert (runs[0] / f"{split}.csv").read_bytes() == (runs[1] / f"{split}.csv").read_bytes()
     for run in runs:
         assert json.loads((run.parent / "metrics.json").read_text())["test"]["n"] > 0
+
+
+def test_every_strategy_is_timed_as_a_cold_run(comparison):
+    """Each row pays for decoding and feature extraction itself: the second strategy does not ride on the cache the
+    first one filled (and neither rides on the session's cache, where the tiny backbone's features already are)."""
+    _, out = comparison
+    for run in sorted((out / "runs").glob("*/metrics.json")):
+        timing = json.loads(run.read_text())["timing"]
+        assert timing["decode_cache_hit"] is False and timing["features_cached"] is False, (run, timing)
+    with open(out / "compare.csv", newline="") as fh:
+        assert {r["measured_as"] for r in csv.DictReader(fh)} == {COLD}
+    assert f"Every row is a {COLD}" in (out / "compare.md").read_text()
+    assert not (out / "cache").exists() or not any((out / "cache").iterdir())  # the per-run caches are removed
 
 
 def _row(strategy: str, accuracy: float, energy: float | None, seconds: float, met: bool | None) -> dict:

@@ -16,6 +16,7 @@ from PIL import Image
 from affinage.data import (
     Preprocessing,
     Sample,
+    Splits,
     UnreadableImage,
     decode_all,
     load_source,
@@ -203,11 +204,29 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     dd.save_to_disk(str(tmp_path / "ds"))
     images = load_source(f"hf:{tmp_path / 'ds'}")
     assert images.classes == ["cat", "dog"]
-    assert len(images.samples) == 14  # the split with an unknown name is left out
+    assert len(images.samples) == 14  # the split with an unknown name is left out, and says so:
+    assert [(k, r.split(":")[0]) for k, r in images.skipped] == [("hf/unlabeled_extra", "split 'unlabeled_extra' (1 images) is not train, val or test")]
     assert Counter(s.split for s in images.samples) == {"train": 10, "val": 2, "test": 2}
     first_dog = next(s for s in images.samples if s.label == "dog" and s.split == "train")
     assert open_image(images.read_bytes(first_dog)).getpixel((3, 3)) == (0, 0, 255)
     assert make_splits(images.samples, seed=0).how == "given splits"
+
+
+def test_hf_splits_without_a_known_name_or_labels_are_named(tmp_path):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    ds = datasets.Dataset.from_dict({"image": [_png_bytes(c) for c in ["red", "blue"] * 3], "label": [0, 1] * 3},
+                                    features=features)
+    unlabelled = datasets.Dataset.from_dict({"image": [_png_bytes("red")] * 2, "label": [-1, -1]}, features=features)
+    datasets.DatasetDict({"train": ds, "test": unlabelled}).save_to_disk(str(tmp_path / "unlabelled"))
+    images = load_source(f"hf:{tmp_path / 'unlabelled'}")
+    assert {s.split for s in images.samples} == {"train"}  # -1 is no label, never names[-1] ("dog")
+    assert images.skipped == [("hf/test", "2 image(s) of split 'test' have no label (-1): left out")]
+    datasets.DatasetDict({"holdout": ds, "extra": ds}).save_to_disk(str(tmp_path / "odd"))
+    with pytest.raises(AffinageError, match=r"split\(s\) \['holdout', 'extra'\], none of them train") as info:
+        load_source(f"hf:{tmp_path / 'odd'}")
+    assert "train" in info.value.fix
 
 
 def test_hf_single_dataset_gets_carved_splits(tmp_path):
@@ -299,10 +318,95 @@ def test_split_lists_round_trip(tmp_path, tiny_images):
     decoded = decode_all(images, PP, progress=False)
     splits = make_splits(decoded.samples, seed=0)
     write_split_lists(tmp_path / "splits", decoded.samples, decoded.hashes, splits)
-    again = read_split_lists(tmp_path / "splits", decoded.samples)
-    assert [sorted(i) for _, i in again.items()] == [sorted(i) for _, i in splits.items()]
+    for hashes in (decoded.hashes, None):  # by content, or by path
+        again = read_split_lists(tmp_path / "splits", decoded.samples, hashes)
+        assert again.items() == splits.items()
     with pytest.raises(AffinageError, match="not in the data"):
-        read_split_lists(tmp_path / "splits", decoded.samples[:5])
+        read_split_lists(tmp_path / "splits", decoded.samples[:5], decoded.hashes[:5])
+
+
+def _listed(tmp_path, root, **split_kw):
+    """Decode `root`, make and write its split lists; returns (decoded, splits, lists folder)."""
+    decoded = decode_all(load_source(str(root)), PP, progress=False)
+    splits = make_splits(decoded.samples, seed=0, **split_kw)
+    write_split_lists(tmp_path / "lists", decoded.samples, decoded.hashes, splits)
+    return decoded, splits, tmp_path / "lists"
+
+
+def _keys(samples, splits):
+    return [sorted(Path(samples[i].key).name for i in idx) for _, idx in splits.items()]
+
+
+def test_split_lists_follow_moved_and_renamed_files(tmp_path):
+    root = write_class_folders(tmp_path / "data", per_class=6, classes=("a", "b"))
+    decoded, splits, lists = _listed(tmp_path, root)
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    (moved / "a" / "a_00.png").rename(moved / "a" / "renamed.png")
+    again = decode_all(load_source(str(moved)), PP, progress=False)
+    reused = read_split_lists(lists, again.samples, again.hashes)
+    expected = [[n.replace("a_00.png", "renamed.png") for n in names] for names in _keys(decoded.samples, splits)]
+    assert [sorted(x) for x in _keys(again.samples, reused)] == [sorted(x) for x in expected]
+    with pytest.raises(AffinageError, match="not in the data"):  # by path alone, the renamed file is gone
+        read_split_lists(lists, again.samples)
+
+
+def test_old_split_lists_without_sha_match_by_path(tmp_path):
+    root = write_class_folders(tmp_path / "data", per_class=6, classes=("a", "b"))
+    decoded, splits, lists = _listed(tmp_path, root)
+    for name in ("train", "val", "test"):
+        path = lists / f"{name}.csv"
+        rows = list(csv.reader(path.open()))
+        with open(path, "w", newline="") as fh:
+            csv.writer(fh).writerows([row[:3] for row in rows])  # path,label,group: the oldest format
+    (lists / "excluded.csv").unlink()
+    reused = read_split_lists(lists, decoded.samples, decoded.hashes)
+    assert _keys(decoded.samples, reused) == _keys(decoded.samples, splits)
+
+
+def test_split_lists_and_data_that_disagree_get_one_clear_line(tmp_path):
+    root = write_class_folders(tmp_path / "data", per_class=6, classes=("a", "b"))
+    _, _, lists = _listed(tmp_path, root)
+    # new images of known classes
+    write_class_folders(tmp_path / "more", per_class=2, classes=("a",), seed=5)
+    for i, p in enumerate(sorted((tmp_path / "more" / "a").iterdir())):
+        shutil.copy(p, root / "a" / f"new_{i}{p.suffix}")
+    grown = decode_all(load_source(str(root)), PP, progress=False)
+    with pytest.raises(AffinageError, match=r"has 2 image\(s\) that are in none of the split lists.*new_") as info:
+        read_split_lists(lists, grown.samples, grown.hashes)
+    assert "drop --splits-from" in info.value.fix
+    assert read_split_lists(lists, grown.samples, grown.hashes, complete=False).test  # evaluation may ignore them
+    # a new class
+    write_class_folders(root, per_class=3, classes=("c",), seed=6)
+    wider = decode_all(load_source(str(root)), PP, progress=False)
+    with pytest.raises(AffinageError, match=r"1 class\(es\) that the split lists .* do not have: c \(3 image"):
+        read_split_lists(lists, wider.samples, wider.hashes)
+    # images gone, and a file whose content changed
+    shutil.rmtree(root / "c")
+    for p in (root / "a").glob("new_*"):
+        p.unlink()
+    (root / "b" / "b_00.png").unlink()
+    fewer = decode_all(load_source(str(root)), PP, progress=False)
+    with pytest.raises(AffinageError, match=r"name 1 image\(s\) that are not in the data, e.g. '.*b_00.png'"):
+        read_split_lists(lists, fewer.samples, fewer.hashes)
+    shutil.copy(root / "b" / "b_02.png", root / "b" / "b_00.png")
+    changed = decode_all(load_source(str(root)), PP, progress=False)
+    with pytest.raises(AffinageError, match="b_00.png.*other content now"):
+        read_split_lists(lists, changed.samples, changed.hashes)
+
+
+def test_images_a_run_kept_out_of_every_split_are_known_to_reruns(tmp_path):
+    root = write_class_folders(tmp_path / "data", per_class=6, classes=("a", "b"))
+    decoded = decode_all(load_source(str(root)), PP, progress=False)
+    splits = make_splits(decoded.samples, seed=0)
+    dropped = splits.test[0]
+    kept = Splits(splits.train, splits.val, splits.test[1:], splits.how)  # as --drop-leaks leaves them
+    write_split_lists(tmp_path / "lists", decoded.samples, decoded.hashes, kept, {dropped: "duplicate of a train image"})
+    with open(tmp_path / "lists" / "excluded.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["path"], r["reason"]) for r in rows] == [(decoded.samples[dropped].key, "duplicate of a train image")]
+    reused = read_split_lists(tmp_path / "lists", decoded.samples, decoded.hashes)
+    assert reused.items() == kept.items()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,6 +555,14 @@ def test_cmyk_jpeg_decodes_to_rgb():
     out = open_image(encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95))
     r, g, b = out.getpixel((8, 8))
     assert out.mode == "RGB" and r > 200 and g < 60 and b < 60  # magenta + yellow = red
+
+
+def test_preprocessing_has_one_crop_pct_default():
+    minimal = {"input_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3}  # a hand-written model.json
+    assert Preprocessing.from_dict(minimal) == Preprocessing(224, (0.5,) * 3, (0.5,) * 3)
+    assert Preprocessing.from_dict(minimal).crop_pct == 0.875  # timm's default: 224 eval crops from 256
+    pp = Preprocessing(96, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "bilinear", 0.9, "squash")
+    assert Preprocessing.from_dict(pp.to_dict()) == pp
 
 
 def test_prepare_image_center_crop_and_squash():

@@ -385,7 +385,7 @@ def test_diverging_run_stops_with_a_diagnosis_and_keeps_the_last_good_weights(tm
     decoded = decode_all(load_source(str(tiny_images)), run.preprocessing, progress=False)
     splits = read_split_lists(run.path / "splits", decoded.samples)
     y = np.array([run.classes.index(decoded.samples[i].label) for i in splits.val])
-    val_logits = run.split_logits(decoded, splits.val)
+    val_logits = run.split_logits(decoded.pixels, decoded.hashes, splits.val)
     assert np.isfinite(val_logits).all()
     assert (val_logits.argmax(1) == y).mean() == max(r["val_accuracy"] for r in history)
     image = str(next((tiny_images / "red_disc").glob("*.png")))

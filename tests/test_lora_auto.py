@@ -50,7 +50,7 @@ def test_lora_trains_adapters_and_head_and_saves_both(lora_runs, tiny_backbones,
     adapter = load_safetensors(run.path / "model" / "adapter" / "adapter_model.safetensors")
     assert any("lora_A" in k for k in adapter) and any("head" in k for k in adapter)
     config = json.loads((run.path / "model" / "adapter" / "adapter_config.json").read_text())
-    assert config["modules_to_save"] == ["head"] and config["r"] == 8
+    assert config["modules_to_save"] == ["heads.label"] and config["r"] == 8
 
     # trainable = adapters + head, far fewer than the backbone
     history = json.loads((run.path / "history.json").read_text())
@@ -89,7 +89,7 @@ def test_lora_param_groups_hold_only_adapters_and_head(tiny_hf_vit):
     names = {id(p): n for n, p in wrapped.named_parameters()}
     in_groups = {names[id(p)] for g in groups for p in g["params"]}
     assert in_groups == {n for n, p in wrapped.named_parameters() if p.requires_grad}
-    assert all("lora_" in n or ".head." in n for n in in_groups)
+    assert all("lora_" in n or ".heads.label." in n for n in in_groups)
     assert {g["lr"] for g in groups} == {hp["lr"]}
     assert {g["name"] for g in groups} >= {"head", "head/no_decay", "lora"}
     for g in groups:
@@ -103,10 +103,11 @@ def test_lora_targets_skip_depthwise_and_dynamically_padded_convs():
     modules = dict(model.named_modules())
     assert targets and all(modules[t].groups == 1 for t in targets if isinstance(modules[t], torch.nn.Conv2d))
     assert all(type(modules[t]) in (torch.nn.Conv2d, torch.nn.Linear) for t in targets)
-    assert "backbone.conv_head" not in targets  # its name suffix-matches peft's modules_to_save=["head"]
+    assert "backbone.conv_head" in targets  # a 1x1 conv: it gets an adapter like the others
     wrapped = get_strategy("lora").wrap(model, {"lora_rank": 4, "lora_alpha": 8})
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
-    assert any("conv_head.modules_to_save" in n for n in trainable)  # trained whole, saved with the head
+    assert any("heads.label.modules_to_save" in n for n in trainable)  # the head trains whole, saved with the adapter
+    assert not any("conv_head" in n and "lora_" not in n for n in trainable)
     with torch.no_grad():
         assert wrapped(torch.randn(2, 3, 64, 64)).shape == (2, 3)
 

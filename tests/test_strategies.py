@@ -119,7 +119,7 @@ def test_run_directory_is_complete(run_cache, backbone, strategy, tiny_images, t
     assert run.metrics["test"]["accuracy"] == test["accuracy"]
 
     state = load_safetensors(root / "model" / "model.safetensors")
-    assert any(k.startswith("backbone.") for k in state) and any(k.startswith("head.") for k in state)
+    assert any(k.startswith("backbone.") for k in state) and any(k.startswith("heads.label.") for k in state)
     info = json.loads((root / "model" / "model.json").read_text())
     assert info["classes"] == sorted(CLASSES) and info["strategy"] == strategy
 
@@ -152,7 +152,7 @@ def test_frozen_parameters_unchanged_trainable_changed(run_cache, reference, bac
         unchanged = [n for n in trainable if torch.equal(state[f"backbone.{n}"], ref.backbone.state_dict()[n])]
         assert not unchanged, f"trainable parameters did not change: {unchanged[:5]}"
     # the head is sized for the classes
-    head_keys = [k for k in state if k.startswith("head.")]
+    head_keys = [k for k in state if k.startswith("heads.label.")]
     assert state[head_keys[-1]].shape[0] == len(CLASSES)
 
 
@@ -254,7 +254,7 @@ def test_blocks_cover_every_backbone_parameter_once(tiny_model):
 
 
 def test_linear_probe_and_head_train_only_the_head(tiny_model):
-    head = {f"head.{n}" for n, _ in tiny_model.head.named_parameters()}
+    head = {f"heads.label.{n}" for n, _ in tiny_model.head.named_parameters()}
     for name in ("linear-probe", "head"):
         strategy = get_strategy(name)
         assert strategy.uses_cached_features
@@ -271,7 +271,7 @@ def test_partial_trains_only_the_top_blocks(tiny_model):
         expected = {f"backbone.{name}" for block in blocks[-n:] for name, _ in block}
         got = trainable_names(tiny_model)
         assert {g for g in got if g.startswith("backbone.")} == expected
-        assert {f"head.{n}" for n, _ in tiny_model.head.named_parameters()} <= got
+        assert {f"heads.label.{n}" for n, _ in tiny_model.head.named_parameters()} <= got
     # more blocks than the model has: everything trains
     get_strategy("partial:99").apply(tiny_model, 0, 3)
     assert all(p.requires_grad for p in tiny_model.parameters())
@@ -366,7 +366,7 @@ def test_no_weight_decay_on_biases_norms_and_embeddings(tiny_model):
             assert n in no_decay, f"{n} is decayed"
         if any(w in n for w in ("pos_embed", "position_embeddings", "cls_token")):
             assert n in no_decay, f"{n} is decayed"
-    assert "head.weight" in decay and "head.bias" in no_decay
+    assert "heads.label.weight" in decay and "heads.label.bias" in no_decay
 
 
 def test_freeze_all_but_zero_keeps_head_trainable(tiny_model):

@@ -6,9 +6,11 @@ that take no weight decay, and the preprocessing the checkpoint was trained with
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from torch import nn
 
 from .data import Preprocessing
 from .errors import AffinageError
+from .labels import DEFAULT_TASK, LabelSpace
 from .storage import digest
 
 BUILTIN = {
@@ -65,11 +68,16 @@ class HFBackbone(nn.Module):
 
 
 class ImageClassifier(nn.Module):
-    """Backbone (pixels -> features) + head (features -> logits) with timm's method names."""
+    """Backbone (pixels -> features) + one head per task (features -> logits), with timm's method names.
+
+    `heads` is keyed by task name; `head`/`forward` use the default `task`. Each head's outputs are named by its
+    `LabelSpace`. The checkpoint's own classifier (e.g. ImageNet's 1000 classes), when it had one, is kept as
+    `pretrained_head`: a head with its class names, outside the state dict and never trained here.
+    """
 
     def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, block_names: list[list[str]],
                  stem_names: list[str], no_decay: set[str], preprocessing: Preprocessing, spec: BackboneSpec,
-                 head_hidden: int | None = None):
+                 head_hidden: int | None = None, task: str = DEFAULT_TASK):
         super().__init__()
         self.backbone = backbone
         self.num_features = num_features
@@ -78,28 +86,48 @@ class ImageClassifier(nn.Module):
         self.no_decay = no_decay
         self.preprocessing = preprocessing
         self.spec = spec
-        self.head_hidden = head_hidden
-        self.head: nn.Module = nn.Identity()
+        self.task = task
+        self.heads = nn.ModuleDict()
+        self.head_hidden: int | None = None
+        self.label_spaces: dict[str, LabelSpace] = {}
         self.reset_classifier(num_classes, head_hidden)
-        # (weight, bias) of the checkpoint's own classifier when it had one; not part of the state dict
-        self.pretrained_head: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pretrained_head: PretrainedHead | None = None
+
+    @property
+    def head(self) -> nn.Module:
+        """The default task's head."""
+        return self.heads[self.task]
+
+    @head.setter
+    def head(self, module: nn.Module) -> None:
+        self.heads[self.task] = module
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
+    def forward_head(self, features: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        return self.heads[task or self.task](features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.heads[self.task](self.backbone(x))
 
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, hidden: int | None = None) -> None:
-        """A fresh head: linear, or a one-hidden-layer MLP when `hidden` is given."""
-        self.num_classes, self.head_hidden = num_classes, hidden
-        self.head = make_head(self.num_features, num_classes, hidden)
+    def reset_classifier(self, num_classes: int, hidden: int | None = None, labels: LabelSpace | None = None) -> None:
+        """A fresh head for the default task: linear, or a one-hidden-layer MLP when `hidden` is given."""
+        self.set_head(self.task, make_head(self.num_features, num_classes, hidden), hidden, labels)
+
+    def set_head(self, task: str, head: nn.Module, hidden: int | None, labels: LabelSpace | None = None) -> None:
+        """Install `head` for `task` (labels: its label space, once known)."""
+        self.heads[task] = head
+        if task == self.task:
+            self.num_classes, self.head_hidden = _out_features(head), hidden
+        if labels is not None:
+            if len(labels) != _out_features(head):
+                raise AffinageError(f"head of task '{task}' has {_out_features(head)} outputs for {len(labels)} classes",
+                                    "build the head from the label space")
+            self.label_spaces[task] = labels
 
     def blocks(self) -> list[list[tuple[str, nn.Parameter]]]:
         """The backbone's parameters grouped in blocks, input -> output (the stem is block 0)."""
@@ -125,6 +153,27 @@ class ImageClassifier(nn.Module):
                 "params": sum(p.numel() for p in self.parameters()), "preprocessing": self.preprocessing.to_dict()}
 
 
+@dataclass
+class PretrainedHead:
+    """A classifier that came with the checkpoint (or the run it starts from), with the names of its classes."""
+
+    labels: LabelSpace
+    layer: nn.Module  # features -> logits
+    hidden: int | None = None
+
+    def linear(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(weight, bias) when it is a single linear layer."""
+        if isinstance(self.layer, nn.Linear):
+            bias = self.layer.bias if self.layer.bias is not None else torch.zeros(self.layer.out_features)
+            return self.layer.weight.detach(), bias.detach()
+        return None
+
+
+def _out_features(head: nn.Module) -> int:
+    last = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return int(last[-1].out_features) if last else int(getattr(head, "out_features", 0))
+
+
 def make_head(num_features: int, num_classes: int, hidden: int | None = None) -> nn.Module:
     if hidden:
         return nn.Sequential(nn.Linear(num_features, hidden), nn.GELU(), nn.Dropout(0.2), nn.Linear(hidden, num_classes))
@@ -135,21 +184,37 @@ def make_head(num_features: int, num_classes: int, hidden: int | None = None) ->
 # Building
 # ----------------------------------------------------------------------------------------------
 def create_model(model: str, num_classes: int, pretrained: bool = True, head_hidden: int | None = None,
-                 image_size: int | None = None, trust_remote_code: bool = False) -> ImageClassifier:
-    """Resolve a model spec (built-in name, timm:<name>, hf:<org/name>, local folder) into an ImageClassifier."""
+                 image_size: int | None = None, trust_remote_code: bool = False, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> ImageClassifier:
+    """Resolve a model spec (built-in name, timm:<name>, hf:<org/name>, local folder, finished run) into an
+    ImageClassifier; `image_size`, `mean` and `std` override the checkpoint's preprocessing."""
+    from .runfiles import is_run_dir
+
+    if model.startswith("run:") or (not model.startswith(("timm:", "hf:")) and model not in BUILTIN
+                                    and is_run_dir(os.path.expanduser(model))):
+        net = start_from_run(Path(model[4:] if model.startswith("run:") else model).expanduser(), head_hidden)
+        net.preprocessing = _override(net.preprocessing, image_size, mean, std)
+        net.reset_classifier(num_classes, head_hidden)
+        return net
+    overrides = (image_size, mean, std)
     if model in BUILTIN:
         backbone, spec, pp = _builtin(model, pretrained)
     elif model.startswith("timm:"):
         backbone, spec, pp = _timm(model[5:], model, pretrained)
     elif model.startswith("hf:"):
-        backbone, spec, pp = _hf(model[3:], model, pretrained, trust_remote_code)
+        backbone, spec, pp = _hf(model[3:], model, pretrained, trust_remote_code, overrides)
     elif os.path.exists(os.path.expanduser(model)):
-        backbone, spec, pp = _local(Path(model).expanduser(), model, pretrained, trust_remote_code)
+        backbone, spec, pp = _local(Path(model).expanduser(), model, pretrained, trust_remote_code, overrides)
     else:
         raise AffinageError(f"unknown model '{model}'", MODEL_HELP)
-    if image_size:
-        pp = Preprocessing(image_size, pp.mean, pp.std, pp.interpolation, pp.crop_pct, pp.crop_mode)
-    return _wrap(backbone, spec, pp, num_classes, head_hidden)
+    return _wrap(backbone, spec, _override(pp, image_size, mean, std), num_classes, head_hidden)
+
+
+def _override(pp: Preprocessing, image_size: int | None, mean: Sequence[float] | None,
+              std: Sequence[float] | None) -> Preprocessing:
+    """The checkpoint's preprocessing with the user's --image-size/--mean/--std where given."""
+    return dataclasses.replace(pp, input_size=image_size or pp.input_size,
+                               mean=tuple(mean) if mean else pp.mean, std=tuple(std) if std else pp.std)
 
 
 def rebuild_model(spec: BackboneSpec, preprocessing: Preprocessing, num_classes: int,
@@ -173,6 +238,35 @@ def rebuild_model(spec: BackboneSpec, preprocessing: Preprocessing, num_classes:
     return _wrap(backbone, spec, preprocessing, num_classes, head_hidden)
 
 
+def load_saved_model(path: str | os.PathLike[str]) -> ImageClassifier:
+    """The model of a finished run directory (or its model/ folder), every head with its label space, weights
+    loaded strictly."""
+    from .runfiles import load_state, read_model_info
+
+    info = read_model_info(path)
+    default = info.heads[info.task]
+    model = rebuild_model(BackboneSpec.from_dict(info.backbone), info.preprocessing, len(default.labels), default.hidden)
+    model.task = info.task
+    for task, head in info.heads.items():
+        model.set_head(task, make_head(model.num_features, len(head.labels), head.hidden), head.hidden, head.labels)
+    state = load_state(path, info)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise AffinageError(f"the weights in '{path}' do not match its model.json (missing {list(missing)[:3]}, "
+                            f"unexpected {list(unexpected)[:3]})", "the run's model files are damaged: retrain")
+    return model
+
+
+def start_from_run(path: Path, head_hidden: int | None = None) -> ImageClassifier:
+    """A finished run as the starting model of a new run: its backbone as trained, and its head (with its label
+    space) as `pretrained_head`, so the new run can keep, extend or replace it."""
+    model = load_saved_model(path)
+    old = model.head
+    model.pretrained_head = PretrainedHead(model.label_spaces[model.task], old, model.head_hidden)
+    model.spec = dataclasses.replace(model.spec, origin=f"run:{path}")
+    return model
+
+
 def _wrap(backbone: nn.Module, spec: BackboneSpec, pp: Preprocessing, num_classes: int,
           head_hidden: int | None) -> ImageClassifier:
     backbone.eval()
@@ -187,17 +281,56 @@ def _wrap(backbone: nn.Module, spec: BackboneSpec, pp: Preprocessing, num_classe
         stem, blocks, no_decay = _module_list_groups(backbone)
     model = ImageClassifier(backbone, num_features, num_classes, blocks, stem, no_decay, pp, spec, head_hidden)
     head = backbone.__dict__.pop("_pretrained_head", None)
-    if head is not None and head[0].shape[1] == num_features:
-        model.__dict__["pretrained_head"] = head
+    if head is not None and _in_features(head.layer) == num_features:
+        model.pretrained_head = head
     return model
 
 
-def _keep_pretrained_head(model: nn.Module, classifier: Any) -> None:
-    """Remember the checkpoint's own classifier (e.g. ImageNet's 1000 classes) as plain tensors, outside the
-    state dict: `auto` reads how sure the backbone is about the new images from it."""
-    if isinstance(classifier, nn.Linear) and classifier.out_features > 2:
-        bias = classifier.bias if classifier.bias is not None else torch.zeros(classifier.out_features)
-        model.__dict__["_pretrained_head"] = (classifier.weight.detach().clone(), bias.detach().clone())
+def _in_features(head: nn.Module) -> int:
+    first = next((m for m in head.modules() if isinstance(m, nn.Linear)), None)
+    return int(first.in_features) if first is not None else -1
+
+
+def _keep_pretrained_head(model: nn.Module, classifier: Any, names: list[str] | None, source: str) -> None:
+    """Remember the checkpoint's own classifier (e.g. ImageNet's 1000 classes) with its class names, outside the
+    state dict: `auto` reads how sure the backbone is about the new images from it, and a later run can keep it."""
+    if not isinstance(classifier, nn.Linear) or classifier.out_features <= 2:
+        return
+    n = classifier.out_features
+    if names is None or len(names) != n:
+        names, source = [f"class_{i}" for i in range(n)], f"{source} (no class names found: numbered)"
+    layer = nn.Linear(classifier.in_features, n, bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(classifier.weight.detach())
+        layer.bias.copy_(classifier.bias.detach() if classifier.bias is not None else torch.zeros(n))
+    layer.requires_grad_(False)
+    model.__dict__["_pretrained_head"] = PretrainedHead(LabelSpace("pretrained", tuple(_unique(names)), source), layer)
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Names made unique by numbering repeats (ImageNet has two 'crane's and two 'maillot's)."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return out
+
+
+def timm_class_names(model: nn.Module, n: int) -> tuple[list[str] | None, str]:
+    """The class names of a timm classifier from timm's ImageNetInfo (ImageNet-1k/22k subsets), else None."""
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+        if not subset:
+            return None, "timm checkpoint classifier"
+        info = ImageNetInfo(subset)
+        if info.num_classes() != n:
+            return None, f"timm {subset} classifier"
+        return [info.index_to_description(i) for i in range(n)], f"{subset} (timm ImageNetInfo)"
+    except Exception as exc:  # noqa: BLE001 - class names are a nicety: an old timm without ImageNetInfo
+        return None, f"timm checkpoint classifier ({type(exc).__name__})"
 
 
 def _builtin(name: str, pretrained: bool) -> tuple[nn.Module, BackboneSpec, Preprocessing]:
@@ -220,7 +353,8 @@ def _builtin(name: str, pretrained: bool) -> tuple[nn.Module, BackboneSpec, Prep
             raise AffinageError(f"weights in {files[0]} do not match timm's {arch}", "reinstall the weights package")
         # The package's keys follow another naming; they map onto timm's in order, shape for shape.
         model.load_state_dict(dict(zip(target.keys(), source.values())), strict=True)
-    _keep_pretrained_head(model, model.get_classifier())
+    if pretrained:
+        _keep_pretrained_head(model, model.get_classifier(), *timm_class_names(model, model.num_classes))
     model.reset_classifier(0)
     return model, BackboneSpec("timm", arch, name), _timm_preprocessing(model)
 
@@ -237,7 +371,7 @@ def _timm(name: str, origin: str, pretrained: bool, **kwargs: Any) -> tuple[nn.M
         raise AffinageError(f"cannot load timm model '{name}': {str(exc).splitlines()[0][:200]}",
                             "check your network / HF cache, or pass a local folder with the weights") from exc
     if pretrained:
-        _keep_pretrained_head(model, model.get_classifier())
+        _keep_pretrained_head(model, model.get_classifier(), *timm_class_names(model, getattr(model, "num_classes", 0)))
     model.reset_classifier(0)
     arch = name.split(".")[0]
     return model, BackboneSpec("timm", arch, origin, timm_kwargs={k: v for k, v in kwargs.items()
@@ -276,7 +410,7 @@ def _skips_pooler(config: Any) -> bool:
 
 
 def _hf(name: str, origin: str, pretrained: bool, trust_remote_code: bool,
-        ) -> tuple[nn.Module, BackboneSpec, Preprocessing]:
+        overrides: tuple[Any, Any, Any] = (None, None, None)) -> tuple[nn.Module, BackboneSpec, Preprocessing]:
     try:
         from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
     except ImportError as exc:  # pragma: no cover
@@ -292,7 +426,9 @@ def _hf(name: str, origin: str, pretrained: bool, trust_remote_code: bool,
             full = AutoModelForImageClassification.from_pretrained(name, trust_remote_code=trust_remote_code)
             model = full.base_model
             if getattr(full.config, "num_labels", 0) > 2:  # a real classifier (ImageNet...), not a fresh random one
-                _keep_pretrained_head(model, getattr(full, "classifier", None))
+                id2label = getattr(full.config, "id2label", None) or {}
+                names = [str(id2label.get(i, id2label.get(str(i), f"class_{i}"))) for i in range(full.config.num_labels)]
+                _keep_pretrained_head(model, getattr(full, "classifier", None), names, f"id2label of {origin}")
         except (ValueError, KeyError, OSError):
             extra = {"add_pooling_layer": False} if _skips_pooler(config) else {}
             model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code, **extra)
@@ -304,40 +440,62 @@ def _hf(name: str, origin: str, pretrained: bool, trust_remote_code: bool,
     if _accepts_pooling_flag(config):
         # e.g. BEiT's classifier keeps its mean-pooling pooler: a reloaded run must be rebuilt with it
         keep[POOLING_KEY] = getattr(model, "pooler", None) is not None
-    return HFBackbone(model), BackboneSpec("hf", config.model_type, origin, hf_config=keep), _hf_preprocessing(processor)
+    stated, _ = type(processor).get_image_processor_dict(name, trust_remote_code=trust_remote_code)
+    return (HFBackbone(model), BackboneSpec("hf", config.model_type, origin, hf_config=keep),
+            _hf_preprocessing(processor, stated, f"'{origin}'", *overrides))
 
 
-def _hf_preprocessing(processor: Any) -> Preprocessing:
-    size = getattr(processor, "size", None) or {}
-    crop = getattr(processor, "crop_size", None) or {}
+def _hf_preprocessing(processor: Any, stated: dict[str, Any] | None = None, origin: str = "this checkpoint",
+                      image_size: int | None = None, mean: tuple[float, ...] | list[float] | None = None,
+                      std: tuple[float, ...] | list[float] | None = None) -> Preprocessing:
+    """The checkpoint's preprocessing, as its image processor reads it. `stated`: the checkpoint's raw preprocessor
+    config; a mean, std or size it does not state is never filled in (a processor class's default is not the
+    checkpoint's word): it is refused, naming the field and the option that supplies it (`image_size`, `mean`,
+    `std`: --image-size, --mean, --std)."""
+    imagenet = {"image_mean": (0.485, 0.456, 0.406), "image_std": (0.229, 0.224, 0.225)}  # for the hint only
+    stated = dict(stated) if stated is not None else {
+        k: getattr(processor, k, None) for k in ("image_mean", "image_std", "size", "crop_size")}
+    overrides = {"image_mean": mean, "image_std": std}
+    values = {}
+    for key, option in (("image_mean", "--mean"), ("image_std", "--std")):
+        value = overrides[key] if overrides[key] is not None else (
+            getattr(processor, key, None) if stated.get(key) is not None else None)
+        if value is None:
+            raise AffinageError(f"the image processor config of {origin} states no {key}, so affinage cannot "
+                                "normalise images as the pretrained model saw them",
+                                f"pass the values it was trained with: {option} R,G,B (ImageNet: {option} "
+                                f"{','.join(map(str, imagenet[key]))})")
+        values[key] = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else (value,) * 3))
+    mean_, std_ = values["image_mean"], values["image_std"]
     resample = getattr(processor, "resample", 2)
     names = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
     interpolation = names.get(int(resample), "bilinear") if not isinstance(resample, str) else resample
-    mean = tuple(getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5))
-    std = tuple(getattr(processor, "image_std", None) or (0.5, 0.5, 0.5))
-    do_crop = bool(getattr(processor, "do_center_crop", False)) and crop
+    size = (getattr(processor, "size", None) or {}) if stated.get("size") is not None else {}
+    crop = (getattr(processor, "crop_size", None) or {}) if stated.get("crop_size") is not None else {}
+    do_crop = bool(getattr(processor, "do_center_crop", False)) and bool(crop)
     if "shortest_edge" in size:
         short = int(size["shortest_edge"])
         if do_crop:
             out = int(crop.get("height", short))
-            return Preprocessing(out, mean, std, interpolation, out / short, "center")  # type: ignore[arg-type]
+            return Preprocessing(out, mean_, std_, interpolation, out / short, "center")  # type: ignore[arg-type]
         crop_pct = float(getattr(processor, "crop_pct", None) or 1.0)  # ConvNeXt: resize short/crop_pct, crop short
         if getattr(processor, "crop_pct", None) and short >= 384:
             # ConvNeXt evaluates at 384 or larger by warping the whole image, without cropping
-            return Preprocessing(short, mean, std, interpolation, 1.0, "squash")  # type: ignore[arg-type]
-        return Preprocessing(short, mean, std, interpolation, crop_pct, "center")  # type: ignore[arg-type]
-    height = int(size.get("height", 224))
-    if do_crop:
+            return Preprocessing(short, mean_, std_, interpolation, 1.0, "squash")  # type: ignore[arg-type]
+        return Preprocessing(short, mean_, std_, interpolation, crop_pct, "center")  # type: ignore[arg-type]
+    height = size.get("height") or crop.get("height") or image_size
+    if not height:
+        raise AffinageError(f"the image processor config of {origin} states no input size (size: height or "
+                            "shortest_edge, or crop_size)", "pass the size it was trained at with --image-size N")
+    height = int(height)
+    if do_crop and size.get("height"):
         out = int(crop.get("height", height))
-        return Preprocessing(out, mean, std, interpolation, out / height, "squash")  # type: ignore[arg-type]
-    return Preprocessing(height, mean, std, interpolation, 1.0, "squash")  # type: ignore[arg-type]
+        return Preprocessing(out, mean_, std_, interpolation, out / height, "squash")  # type: ignore[arg-type]
+    return Preprocessing(height, mean_, std_, interpolation, 1.0, "squash")  # type: ignore[arg-type]
 
 
 def _local(path: Path, origin: str, pretrained: bool, trust_remote_code: bool,
-           ) -> tuple[nn.Module, BackboneSpec, Preprocessing]:
-    if (path / "model.json").exists() and (path / "model.safetensors").exists():
-        raise AffinageError(f"'{path}' is an affinage model; continuing from a run is not supported yet",
-                            "pass the backbone it was trained from")
+           overrides: tuple[Any, Any, Any] = (None, None, None)) -> tuple[nn.Module, BackboneSpec, Preprocessing]:
     config_file = path / "config.json" if path.is_dir() else None
     if config_file is None or not config_file.exists():
         raise AffinageError(f"local model '{path}' needs a folder with config.json and weights",
@@ -358,7 +516,7 @@ def _local(path: Path, origin: str, pretrained: bool, trust_remote_code: bool,
         spec.timm_kwargs = dict(model_args)
         return backbone, spec, pp
     if "model_type" in config:
-        return _hf(str(path), origin, pretrained, trust_remote_code)
+        return _hf(str(path), origin, pretrained, trust_remote_code, overrides)
     raise AffinageError(f"'{config_file}' is neither a timm nor a transformers config", MODEL_HELP)
 
 
@@ -435,22 +593,28 @@ class BackboneCard:
         return {"backbone": self.spec.origin, "num_features": self.num_features, "num_blocks": self.num_blocks,
                 "params": self.params + head_params, "preprocessing": self.preprocessing.to_dict()}
 
-    def state_dict(self, head: nn.Module) -> dict[str, torch.Tensor]:
+    def state_dict(self, head: nn.Module, task: str = DEFAULT_TASK) -> dict[str, torch.Tensor]:
         """The assembled model's state dict (same names as `ImageClassifier.state_dict()`)."""
         from safetensors.torch import load_file
 
         state = {f"backbone.{k}": v for k, v in load_file(str(self.weights)).items()}
-        state.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
+        state.update({f"heads.{task}.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
         return state
 
 
-def card_key(model: str, image_size: int | None) -> str | None:
+def card_key(model: str, image_size: int | None, mean: Sequence[float] | None = None,
+             std: Sequence[float] | None = None) -> str | None:
     """Cache key of a model's card, from the identity of its weight files (path, size, mtime) and the library
     versions; None where that identity is not cheap to know (timm:/hf: hub names: their cache can change
     revision), so those always build the model."""
     from importlib import metadata, util
 
+    from .runfiles import is_run_dir
+
     files: list[Path] = []
+    if model.startswith("run:") or (model not in BUILTIN and not model.startswith(("timm:", "hf:"))
+                                    and is_run_dir(os.path.expanduser(model))):
+        return None  # a trained run: its weights are its own, features are keyed by its fingerprint
     if model in BUILTIN:
         spec = util.find_spec(BUILTIN[model][1])
         if spec is None or not spec.submodule_search_locations:
@@ -467,7 +631,7 @@ def card_key(model: str, image_size: int | None) -> str | None:
         except metadata.PackageNotFoundError:
             versions.append(f"{package}=none")
     stats = [f"{p}:{st.st_size}:{st.st_mtime_ns}" for p, st in ((p, p.stat()) for p in files)]
-    return digest(CARD_FORMAT, model, str(image_size), *versions, *stats)
+    return digest(CARD_FORMAT, model, str(image_size), str(mean), str(std), *versions, *stats)
 
 
 def _card_folder(key: str) -> Path:

@@ -50,12 +50,18 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
     h.add_argument("--augment", choices=AUGMENT_PRESETS,
                    help="augmentation preset (default: the strategy's: strong for progressive, light otherwise)")
     h.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warmup before cosine decay (default: 0.5)")
-    h.add_argument("--patience", type=int, help="early stopping: epochs without val improvement")
+    h.add_argument("--patience", type=int, help="early stopping: stop after this many epochs in a row without val "
+                                                "improvement, keeping the best weights (>= 1; 1 stops at the first "
+                                                "epoch that does not improve; default: the strategy's)")
     h.add_argument("--head-init", choices=("probe", "random"), default="probe",
                    help="unfreezing strategies start from a head fitted on frozen features (probe, default) or random")
     h.add_argument("--train-bn-stats", action="store_true",
                    help="let BatchNorm re-estimate its statistics while fine-tuning (default: keep the pretrained ones)")
-    h.add_argument("--image-size", type=int, help="override the checkpoint's input size (pixels)")
+    h.add_argument("--image-size", type=int, help="override the checkpoint's input size (pixels); needed where its "
+                                                  "preprocessor config states none")
+    h.add_argument("--mean", type=_rgb, metavar="R,G,B", help="normalisation mean, replacing the checkpoint's; needed "
+                                                            "where its preprocessor config states none")
+    h.add_argument("--std", type=_rgb, metavar="R,G,B", help="normalisation std, likewise")
     h.add_argument("--train-image-size", type=int,
                    help="training crop size (default: 80%% of the eval size for convnets, equal for ViTs)")
     h.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default: 1)")
@@ -83,10 +89,21 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
                    help="litres of water per kWh (default: %(default)s, US data-centre average on-site WUE)")
 
 
+def _rgb(text: str) -> list[float]:
+    """`0.485,0.456,0.406` -> three floats (checked further by TrainConfig)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers R,G,B such as 0.485,0.456,0.406, got '{text}'")
+    return values
+
+
 def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("seed", "epochs", "lr", "batch_size", "weight_decay", "layer_decay", "label_smoothing", "augment",
             "warmup_epochs", "patience", "head_init", "image_size", "grad_accum", "val_fraction", "test_fraction",
-            "splits_from", "group_by", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha")
+            "splits_from", "group_by", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha", "mean", "std")
     kwargs = {k: getattr(args, k) for k in keys}
     kwargs["pretrained"] = not args.no_pretrained
     kwargs["resume"] = args.resume
@@ -173,13 +190,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # Predictions must match exactly; the loss may move in its last digits when the thread count differs.
     same = {k: test[k] == saved.get(k) for k in ("accuracy", "macro_f1", "confusion_matrix")}
     same["loss"] = abs(test["loss"] - saved.get("loss", float("nan"))) <= 1e-6 * max(1.0, abs(test["loss"]))
+    matches = all(same.values())
     if args.json:
-        print(json.dumps({"test": test, "matches_training_run": all(same.values()),
+        print(json.dumps({"test": test, "matches_training_run": matches,
+                          "differs": [k for k, ok in same.items() if not ok],
                           "training_run_accuracy": saved.get("accuracy")}, indent=2))
     else:
+        differs = ", ".join(k for k, ok in same.items() if not ok)
         print(f"test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f}, macro F1 {test['macro_f1']:.4f} "
-              f"(n={test['n']}); {'identical to' if all(same.values()) else 'DIFFERS from'} the training-time figures")
-    return 0
+              f"(n={test['n']}); " + ("identical to the training-time figures" if matches else
+                                      f"DIFFERS from the training-time figures ({differs})"))
+    return 0 if matches else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -215,6 +236,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if result.cheapest is not None or not args.target else 1
 
 
+# long-function: one declaration per subcommand, read top to bottom as the CLI reference; splitting it scatters --help
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="affinage", description="Adapt a pretrained image model to your labelled "
                                      "images: pick a strategy, train, measure honestly, ship.")
@@ -276,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="re-evaluate a run on its saved test split", description="Reload a run directory "
-                       "and re-evaluate it on its test split; reports whether it matches the training-time figures.")
+                       "and re-evaluate it on its test split; reports whether it matches the training-time figures "
+                       "(exit status 1 when it does not).")
     p.add_argument("run", help="run directory")
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     p.set_defaults(func=cmd_eval)
@@ -298,8 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="run several strategies on the same split and compare accuracy, time, energy",
                        description="Every strategy on the same data, split and seed, each as its own `affinage train` "
-                                   "run; writes compare.csv, compare.md and compare.png (accuracy vs wall time, point "
-                                   "size = energy) and names the cheapest strategy that meets the targets.")
+                                   "run, cold (its own empty cache: each decodes the images and extracts features "
+                                   "itself, so times and energies compare); writes compare.csv, compare.md and "
+                                   "compare.png (accuracy vs wall time, point size = energy) and names the cheapest "
+                                   "strategy that meets the targets.")
     p.add_argument("--data", required=True, help="as for `affinage train`")
     p.add_argument("--model", default=DEMO_MODEL, help="backbone, as for `affinage train` (default: %(default)s)")
     p.add_argument("--strategies", default=",".join(COMPARE_STRATEGIES),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -52,6 +53,8 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     image_size: int | None = None  # None: the checkpoint's own input size
+    mean: list[float] | None = None  # None: the checkpoint's normalisation; needed where its config states none
+    std: list[float] | None = None
     train_image_size: int | None = None  # None: 80% of image_size for convnets (FixRes: faster, as accurate), else equal
     pretrained: bool = True  # False: random init (tests, from-scratch baselines)
     precision: str = "auto"  # auto: bf16 autocast where the hardware runs it fast (inference on AVX512-BF16 CPUs, GPUs)
@@ -76,6 +79,19 @@ class TrainConfig:
         for name, value in positive.items():
             if value is not None and value < 1:
                 raise AffinageError(f"{name} must be >= 1, got {value}", f"pass --{name.replace('_', '-')} 1 or more")
+        if self.patience is not None and self.patience < 1:
+            raise AffinageError(f"patience must be >= 1, got {self.patience} (the epochs in a row without val "
+                                "improvement before training stops; 1 stops at the first epoch that does not improve)",
+                                "pass --patience 1 or more; to train every epoch, pass --patience equal to --epochs")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            numbers = [float(v) for v in value] if isinstance(value, (list, tuple)) else []
+            if len(numbers) != 3 or not all(math.isfinite(v) for v in numbers) or (name == "std" and min(numbers) <= 0):
+                raise AffinageError(f"{name} must be 3 finite numbers (R, G, B){', each > 0' if name == 'std' else ''}, "
+                                    f"got {value!r}", f"pass e.g. --{name} {'0.485,0.456,0.406' if name == 'mean' else '0.229,0.224,0.225'}")
+            object.__setattr__(self, name, numbers)
         if self.epochs is not None and self.epochs < 1:
             raise AffinageError(f"epochs must be >= 1, got {self.epochs}", "pass --epochs 1 or more")
         if self.lr is not None and not self.lr > 0:

@@ -13,18 +13,20 @@ import os
 import re
 import stat
 import threading
+import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import AffinageError
-from .storage import atomic_path, cache_dir, digest, read_json, write_json
+from .storage import atomic_path, digest
+from .store import FileHashes, ImageRows, ImageStore
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -61,6 +63,7 @@ class LabelledImages:
     description: str
     read_bytes: Callable[[Sample], bytes]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) found while scanning
+    keys_are_paths: bool = False  # sample keys are files: their hashes are memoised by (path, size, mtime)
 
     @property
     def classes(self) -> list[str]:
@@ -241,7 +244,7 @@ def _load_folder(root: Path) -> LabelledImages:
     else:
         samples, skipped = _class_folders(root)
         description = f"class folders: {root}"
-    return LabelledImages(samples, description, _read_file, skipped)
+    return LabelledImages(samples, description, _read_file, skipped, keys_are_paths=True)
 
 
 def _load_csv(path: Path) -> LabelledImages:
@@ -276,7 +279,7 @@ def _read_csv_rows(path: Path, base: Path) -> LabelledImages:
                     raise AffinageError(f"CSV '{path}' line {line} has split '{split}'", "use train, val or test")
                 split = SPLIT_ALIASES[split.lower()]
             samples.append(Sample(str(file), row["label"], split, row.get("group") or None))
-    return LabelledImages(samples, f"CSV: {path}", _read_file)
+    return LabelledImages(samples, f"CSV: {path}", _read_file, keys_are_paths=True)
 
 
 def _encode_png(array: np.ndarray) -> bytes:
@@ -325,16 +328,30 @@ def _load_hf_dataset(spec: str) -> LabelledImages:
         raise AffinageError(f"dataset '{name}' needs an Image column and a ClassLabel column; it has {dict(first.features)}",
                             "cast the columns with dataset.cast_column(...)")
     names = first.features[label_col].names
+    unknown = [n for n in splits if n.lower() not in SPLIT_ALIASES]
+    if len(unknown) == len(splits):
+        raise AffinageError(f"dataset '{name}' has split(s) {unknown}, none of them train, val or test",
+                            f"save it with a split named train (known names: {', '.join(SPLIT_ALIASES)})")
     samples: list[Sample] = []
+    skipped: list[tuple[str, str]] = []
     raw: dict[str, Any] = {}
     for split_name, ds in splits.items():
         split = SPLIT_ALIASES.get(split_name.lower())
-        if split is None:
+        if split is None:  # e.g. SVHN's 'extra': listed, like a folder beside train/val
+            skipped.append((f"hf/{split_name}", f"split '{split_name}' ({len(ds):,} images) is not train, val or test: "
+                                                f"left out (known names: {', '.join(SPLIT_ALIASES)})"))
             continue
         ds = ds.cast_column(image_col, datasets.Image(decode=False))
         raw[split_name] = ds
+        unlabelled = 0
         for i, label in enumerate(ds[label_col]):
-            samples.append(Sample(f"hf/{split_name}/{i}", names[label], split))
+            if label is None or label < 0:  # ClassLabel -1: no label (many Hub test splits)
+                unlabelled += 1
+            else:
+                samples.append(Sample(f"hf/{split_name}/{i}", names[label], split))
+        if unlabelled:
+            skipped.append((f"hf/{split_name}", f"{unlabelled:,} image(s) of split '{split_name}' have no label (-1): "
+                                                "left out"))
 
     def read(sample: Sample) -> bytes:
         _, split_name, index = sample.key.split("/")
@@ -344,12 +361,17 @@ def _load_hf_dataset(spec: str) -> LabelledImages:
         with open(image["path"], "rb") as fh:
             return fh.read()
 
-    return LabelledImages(samples, f"Hugging Face dataset: {name}", read)
+    return LabelledImages(samples, f"Hugging Face dataset: {name}", read, skipped)
 
 
 # ----------------------------------------------------------------------------------------------
 # Safe decoding and preprocessing
 # ----------------------------------------------------------------------------------------------
+# timm's DEFAULT_CROP_PCT: eval resizes to input_size / 0.875 and centre-crops input_size. The one default, for
+# the class and `from_dict` alike (every model.json affinage wrote stores crop_pct; this fills only hand-made ones).
+DEFAULT_CROP_PCT = 0.875
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How the pretrained model saw images (read from the checkpoint, never guessed)."""
@@ -358,7 +380,7 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
-    crop_pct: float = 0.875
+    crop_pct: float = DEFAULT_CROP_PCT
     crop_mode: str = "center"  # center: resize short side, centre crop; squash: resize both sides
 
     @property
@@ -371,8 +393,10 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
-        return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bicubic"),  # type: ignore[arg-type]
-                   float(d.get("crop_pct", 1.0)), d.get("crop_mode", "center"))
+        defaults = {f.name: f.default for f in fields(cls)}
+        return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]),  # type: ignore[arg-type]
+                   d.get("interpolation", defaults["interpolation"]), float(d.get("crop_pct", defaults["crop_pct"])),
+                   d.get("crop_mode", defaults["crop_mode"]))
 
 
 class UnreadableImage(Exception):
@@ -475,68 +499,138 @@ def load_pixels(data: bytes, pp: Preprocessing) -> np.ndarray:
 
 @dataclass
 class DecodedImages:
-    """Usable samples with their decoded pixels (a memory-mapped array in the cache)."""
+    """Usable samples with their decoded pixels: views of rows of the image store (store.py), never a copy."""
 
     samples: list[Sample]
     hashes: list[str]
-    pixels: np.ndarray  # (N, 3, S, S) uint8, aligned with samples
+    pixels: ImageRows  # (N, 3, S, S) uint8, aligned with samples; pixels[i] is a read-only memory-mapped view
     skipped: list[tuple[str, str]]
-    cache_hit: bool
+    cache_hit: bool  # nothing had to be decoded: every image was in the store (or known not to decode)
+    decoded_count: int = 0  # images this call decoded (content the store had never seen; failures included)
+    hashed_count: int = 0  # files read to hash them (the others' size and mtime were unchanged: memoised hash)
+    hash_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
 
 def decode_all(images: LabelledImages, pp: Preprocessing, workers: int | None = None,
                progress: bool = True) -> DecodedImages:
-    """Hash every file, decode the usable ones once into the cache, list the rest with their reasons."""
+    """Hash every file (a file whose size and mtime are unchanged is not read), decode into the image store only
+    the contents it has never seen, and list the unusable files with their reasons."""
     workers = workers or min(8, os.cpu_count() or 1)
-    hashes: list[str | None] = []
+    t0 = time.perf_counter()
+    results, hashed_count = _content_hashes(images, workers)
     skipped = list(images.skipped)
+    hashes: list[str | None] = []
+    for sample, result in zip(images.samples, results):
+        if isinstance(result, UnreadableImage):
+            skipped.append((sample.key, str(result)))
+        hashes.append(result if isinstance(result, str) else None)
+    t1 = time.perf_counter()
+    store = ImageStore.for_decoding(pp.stored_size, pp.interpolation, pp.crop_mode)
+    try:
+        decoder = _decoder_version()
+        slots, failed = store.lookup([h for h in hashes if h is not None], decoder)
+        todo: dict[str, int] = {}  # hash -> its first sample: duplicate files are decoded once and share a row
+        for i, h in enumerate(hashes):
+            if h is not None and h not in slots and h not in failed:
+                todo.setdefault(h, i)
+        transient: dict[str, str] = {}
+        decoded_count = 0
+        if todo:
+            decoded_count, transient = _decode_into(store, images, pp, todo, decoder, workers, progress)
+            added, refused = store.lookup(list(todo), decoder)
+            slots.update(added)
+            failed.update(refused)
+    finally:
+        store.close()
+    keep: list[int] = []
+    for i, h in enumerate(hashes):
+        if h is None:
+            continue
+        if h in slots:
+            keep.append(i)
+        else:
+            skipped.append((images.samples[i].key, failed.get(h) or transient.get(h) or "cannot be decoded"))
+    pixels = ImageRows(store.folder, store.side, [slots[hashes[i]] for i in keep])  # type: ignore[index]
+    return DecodedImages([images.samples[i] for i in keep], [hashes[i] for i in keep], pixels,  # type: ignore[misc]
+                         skipped, cache_hit=not todo, decoded_count=decoded_count, hashed_count=hashed_count,
+                         hash_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1)
+
+
+def _decoder_version() -> str:
+    """What a decode failure depends on besides the bytes: a file Pillow cannot read is tried again after an upgrade."""
+    from PIL import __version__
+
+    return f"pillow-{__version__}"
+
+
+def _decode_into(store: ImageStore, images: LabelledImages, pp: Preprocessing, todo: dict[str, int], decoder: str,
+                 workers: int, progress: bool) -> tuple[int, dict[str, str]]:
+    """Decode the contents `todo` (hash -> sample index) into the store, under its lock. Returns how many it
+    decoded (or tried to), and the reasons of files that could not be read now (not remembered: the next run tries again);
+    content that cannot be decoded is remembered in the store."""
+    transient: dict[str, str] = {}
+    with store.appending() as writer:
+        missing = writer.missing(todo, decoder)  # another run may have decoded some while this one waited
+
+        def work(sha: str) -> None:
+            sample = images.samples[todo[sha]]
+            try:
+                data = images.read_bytes(sample)
+            except UnreadableImage as exc:
+                transient[sha] = str(exc)
+                return
+            except OSError as exc:
+                transient[sha] = _os_reason(exc)
+                return
+            if digest(data) != sha:  # rewritten since it was hashed: these pixels would be filed under another hash
+                transient[sha] = "the file changed while it was being read: run again"
+                return
+            try:
+                pixels = load_pixels(data, pp)
+            except UnreadableImage as exc:
+                if "MemoryError" in str(exc):
+                    transient[sha] = str(exc)
+                else:
+                    writer.fail(sha, str(exc), decoder)
+                return
+            writer.put(sha, pixels)
+
+        with ThreadPoolExecutor(workers) as pool:
+            for _ in _progress(pool.map(work, missing), len(missing), "decoding images", progress):
+                pass
+    return writer.written + writer.refused, transient
+
+
+def _content_hashes(images: LabelledImages, workers: int) -> tuple[list[str | UnreadableImage], int]:
+    """The content hash of every sample (or why its file cannot be read), and how many files were read for it.
+    Files hashed before with the same size and mtime are not read again."""
+    samples = images.samples
+    memo = FileHashes() if images.keys_are_paths else None
+    keys: list[tuple[bytes, int, int] | None] = [None] * len(samples)
+    results: list[str | UnreadableImage | None] = [None] * len(samples)
+    if memo is not None:
+        for i, sample in enumerate(samples):
+            try:
+                info = os.stat(sample.key)
+            except OSError:
+                continue  # read below, which names the reason
+            if stat.S_ISREG(info.st_mode):
+                keys[i] = (os.fsencode(os.path.abspath(sample.key)), info.st_size, info.st_mtime_ns)
+        present = [i for i, k in enumerate(keys) if k is not None]
+        for i, sha in zip(present, memo.known([keys[i] for i in present])):  # type: ignore[misc]
+            results[i] = sha
+    todo = [i for i, r in enumerate(results) if r is None]
     with ThreadPoolExecutor(workers) as pool:
-        for sample, result in zip(images.samples, pool.map(lambda s: _hash_sample(images, s), images.samples)):
-            if isinstance(result, UnreadableImage):
-                skipped.append((sample.key, str(result)))
-                hashes.append(None)
-            else:
-                hashes.append(result)
-    keep = [i for i, h in enumerate(hashes) if h is not None]
-    key = digest("decoded-v1", str(sorted(pp.to_dict().items())), *[hashes[i] or "" for i in keep])
-    folder = cache_dir() / "decoded"
-    array_path, index_path = folder / f"{key}.npy", folder / f"{key}.json"
-    cache_hit = array_path.exists() and index_path.exists()
-    if cache_hit:
-        index = read_json(index_path)
-        bad = {int(i): reason for i, reason in index["skipped"].items()}
-    else:
-        side = pp.stored_size
-        folder.mkdir(parents=True, exist_ok=True)
-        bad = {}
-        with atomic_path(array_path) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(keep), 3, side, side))
-
-            def work(j: int) -> str | None:
-                try:
-                    out[j] = load_pixels(images.read_bytes(images.samples[keep[j]]), pp)
-                    return None
-                except UnreadableImage as exc:
-                    return str(exc)
-                except OSError as exc:
-                    return f"cannot be read: {exc.strerror or exc}"
-
-            with ThreadPoolExecutor(workers) as pool:
-                results = pool.map(work, range(len(keep)))
-                for j, reason in enumerate(_progress(results, len(keep), "decoding images", progress)):
-                    if reason is not None:
-                        bad[j] = reason
-            out.flush()
-            del out
-        write_json(index_path, {"skipped": {str(j): r for j, r in bad.items()}})
-    pixels = np.load(array_path, mmap_mode="r")
-    for j, reason in sorted(bad.items()):
-        skipped.append((images.samples[keep[j]].key, reason))
-    good = [j for j in range(len(keep)) if j not in bad]
-    if len(good) < len(keep):
-        pixels = pixels[good]  # a copy; only when some files failed to decode
-    samples = [images.samples[keep[j]] for j in good]
-    return DecodedImages(samples, [hashes[keep[j]] for j in good], pixels, skipped, cache_hit)  # type: ignore[misc]
+        for i, result in zip(todo, pool.map(lambda i: _hash_sample(images, samples[i]), todo)):
+            results[i] = result
+    if memo is not None:
+        try:
+            memo.remember([(*keys[i], results[i]) for i in todo  # type: ignore[misc]
+                           if keys[i] is not None and isinstance(results[i], str)])
+        finally:
+            memo.close()
+    return results, len(todo)  # type: ignore[return-value]
 
 
 def _hash_sample(images: LabelledImages, sample: Sample) -> str | UnreadableImage:
@@ -622,34 +716,113 @@ def _stratified_carve(samples: Sequence[Sample], pool: list[int], fraction: floa
     return sorted(keep), sorted(carved)
 
 
-def write_split_lists(folder: Path, samples: Sequence[Sample], hashes: Sequence[str], splits: Splits) -> None:
-    """One CSV per split: path,label,group,sha (content hash) -- the exact lists a rerun reuses."""
+LIST_COLUMNS = ["path", "label", "group", "sha"]
+EXCLUDED_LIST = "excluded"  # excluded.csv: usable images this run put in no split (e.g. --drop-leaks), with why
+
+
+def write_split_lists(folder: Path, samples: Sequence[Sample], hashes: Sequence[str], splits: Splits,
+                      reasons: Mapping[int, str] | None = None) -> None:
+    """One CSV per split: path,label,group,sha (content hash) -- the exact lists a rerun reuses; and excluded.csv,
+    every sample in no split with the reason (`reasons`, by sample index), so a rerun knows them too."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, idx in splits.items():
+    listed = {i for _, idx in splits.items() for i in idx}
+    excluded = [i for i in range(len(samples)) if i not in listed]
+    lists = [*splits.items(), (EXCLUDED_LIST, excluded)]
+    for name, idx in lists:
         with atomic_path(folder / f"{name}.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8",
                                                             errors=PATH_ERRORS) as fh:
             w = csv.writer(fh)
-            w.writerow(["path", "label", "group", "sha"])
+            w.writerow(LIST_COLUMNS + (["reason"] if name == EXCLUDED_LIST else []))
             for i in idx:
-                w.writerow([samples[i].key, samples[i].label, samples[i].group or "", hashes[i]])
+                row = [samples[i].key, samples[i].label, samples[i].group or "", hashes[i]]
+                w.writerow(row + ([(reasons or {}).get(i, "in no split")] if name == EXCLUDED_LIST else []))
 
 
-def read_split_lists(folder: Path, samples: Sequence[Sample]) -> Splits:
-    """Re-apply split lists saved by an earlier run to the same data."""
-    position = {s.key: i for i, s in enumerate(samples)}
-    out: dict[str, list[int]] = {}
+def _read_list(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and "path" not in rows[0]:
+        raise AffinageError(f"split list '{path}' has no path column", "point --splits-from at an affinage run directory")
+    return rows
+
+
+def read_split_lists(folder: Path, samples: Sequence[Sample], hashes: Sequence[str] | None = None,
+                     complete: bool = True) -> Splits:
+    """Re-apply split lists saved by an earlier run. Rows are matched by content hash when `hashes` is given (a moved
+    or renamed file is the same image), else by path (also for old lists without a sha). Refused, in one line each:
+    a listed image the data lacks, a class the lists lack, and (with `complete`) an image in no list."""
+    lists = {}
     for name in SPLITS:
         path = folder / f"{name}.csv"
         if not path.exists():
             raise AffinageError(f"split list '{path}' is missing", "point --splits-from at a complete affinage run directory")
-        with open(path, newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
-            keys = [row["path"] for row in csv.DictReader(fh)]
-        missing = [k for k in keys if k not in position]
-        if missing:
-            raise AffinageError(f"split list '{path}' names {len(missing)} image(s) not in the data, e.g. '{missing[0]}'",
-                                "use the same data the run was made with")
-        out[name] = [position[k] for k in keys]
-    return Splits(out["train"], out["val"], out["test"], f"split lists from {folder}")
+        lists[name] = _read_list(path)
+    excluded_path = folder / f"{EXCLUDED_LIST}.csv"
+    lists[EXCLUDED_LIST] = _read_list(excluded_path) if excluded_path.exists() else []  # older runs have none
+    matched, missing = _match_list_rows(lists, samples, hashes)
+    taken = {i for idx in matched.values() for i in idx}
+    unlisted = [i for i in range(len(samples)) if i not in taken]
+    listed_classes = {row.get("label", "") for rows in lists.values() for row in rows}
+    considered = range(len(samples)) if complete else taken
+    new_classes = sorted({samples[i].label for i in considered} - listed_classes)
+    if new_classes:
+        count = sum(samples[i].label in new_classes for i in considered)
+        raise AffinageError(f"the data has {len(new_classes)} class(es) that the split lists in '{folder}' do not have: "
+                            f"{', '.join(new_classes[:5])}{' ...' if len(new_classes) > 5 else ''} ({count} image(s))",
+                            "drop --splits-from to make new splits with every class, or remove those classes from the data")
+    if missing:
+        name, row = missing[0]
+        changed = " (a file at that path has other content now)" if any(s.key == row["path"] for s in samples) else ""
+        raise AffinageError(f"the split lists in '{folder}' name {len(missing)} image(s) that are not in the data, "
+                            f"e.g. '{row['path']}' ({name}){changed}",
+                            "use the data the run was made with, or drop --splits-from to make new splits")
+    if complete and unlisted:
+        raise AffinageError(f"the data has {len(unlisted)} image(s) that are in none of the split lists in '{folder}' "
+                            f"(added since that run?), e.g. '{samples[unlisted[0]].key}'",
+                            "drop --splits-from to make new splits that include them, or remove them from the data "
+                            "to reuse the lists exactly")
+    how = f"split lists from {folder}"
+    relabelled = sum(samples[i].label != row.get("label") for name in SPLITS
+                     for i, row in zip(matched[name], lists[name]))
+    if relabelled:
+        how += f"; {relabelled} image(s) relabelled since (the data's labels are used)"
+    return Splits(matched["train"], matched["val"], matched["test"], how)
+
+
+def _match_list_rows(lists: dict[str, list[dict[str, str]]], samples: Sequence[Sample], hashes: Sequence[str] | None
+                     ) -> tuple[dict[str, list[int]], list[tuple[str, dict[str, str]]]]:
+    """Sample index of every list row (same content and path first, then same content elsewhere: a moved file; rows
+    without a sha, or no `hashes`: same path), and the rows that match no sample. Each sample matches one row."""
+    by_sha: dict[str, list[int]] = defaultdict(list)
+    by_path: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        by_path[s.key].append(i)
+        if hashes is not None:
+            by_sha[hashes[i]].append(i)
+    taken: set[int] = set()
+    found: dict[tuple[str, int], int] = {}
+    rows = [(name, k, row) for name, rows in lists.items() for k, row in enumerate(rows)]
+    by_content = [(name, k, row) for name, k, row in rows if hashes is not None and row.get("sha")]
+    by_path_only = [(name, k, row) for name, k, row in rows if not (hashes is not None and row.get("sha"))]
+    for name, k, row in by_content:  # pass 1: same content at the same path
+        i = next((i for i in by_path.get(row["path"], ()) if hashes[i] == row["sha"] and i not in taken), None)  # type: ignore[index]
+        if i is not None:
+            found[(name, k)] = i
+            taken.add(i)
+    for name, k, row in by_content:  # pass 2: same content elsewhere (moved or renamed)
+        if (name, k) not in found:
+            i = next((i for i in by_sha.get(row["sha"], ()) if i not in taken), None)
+            if i is not None:
+                found[(name, k)] = i
+                taken.add(i)
+    for name, k, row in by_path_only:
+        i = next((i for i in by_path.get(row["path"], ()) if i not in taken), None)
+        if i is not None:
+            found[(name, k)] = i
+            taken.add(i)
+    matched = {name: [found[(name, k)] for k in range(len(rows_)) if (name, k) in found] for name, rows_ in lists.items()}
+    missing = [(name, row) for name, k, row in rows if (name, k) not in found]
+    return matched, missing
 
 
 def write_skipped(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
@@ -701,9 +874,10 @@ def train_transform(pp: Preprocessing, preset: str, size: int | None = None) -> 
 
 
 class PixelDataset:
-    """A torch-style dataset over rows of the decoded uint8 array."""
+    """A torch-style dataset over rows of decoded uint8 images: store views (ImageRows, which DataLoader workers
+    receive as a slot table and open themselves) or an in-memory array."""
 
-    def __init__(self, pixels: np.ndarray, indices: Sequence[int], labels: Sequence[int], transform: Any):
+    def __init__(self, pixels: ImageRows | np.ndarray, indices: Sequence[int], labels: Sequence[int], transform: Any):
         self.pixels, self.indices, self.labels, self.transform = pixels, list(indices), list(labels), transform
 
     def __len__(self) -> int:

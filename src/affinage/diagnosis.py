@@ -26,6 +26,7 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+# long-function: a flat list of independent rules, one finding each, in the order they are reported
 def diagnose(history: Sequence[dict[str, Any]], test: dict[str, Any] | None = None,
              classes: Sequence[str] | None = None, leaks: int = 0) -> list[dict[str, str]]:
     """Findings from the per-epoch history (rows of {phase, epoch, train_loss, train_accuracy, val_loss,

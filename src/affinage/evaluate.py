@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+TOP5_MIN_CLASSES = 5  # top-5 accuracy is reported only above this many classes: with 5 or fewer it is always 1
+
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
     """cm[i, j]: images of true class i predicted as j."""
@@ -58,7 +60,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: Sequ
         "accuracy": float((preds == labels).mean()) if len(labels) else 0.0,
         "loss": float(-log_probs[np.arange(len(labels)), labels].mean()) if len(labels) else 0.0,
     }
-    if n_classes > 5:  # with 5 classes or fewer top-5 is always 1
+    if n_classes > TOP5_MIN_CLASSES:
         metrics["top5_accuracy"] = top_k_accuracy(labels, logits, 5)
     metrics.update({
         "macro_precision": float(precision[present].mean()) if present.any() else 0.0,

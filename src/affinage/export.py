@@ -11,13 +11,14 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import __version__
-from .data import Preprocessing, eval_transform, load_pixels
+from .data import Preprocessing, UnreadableImage, eval_transform, load_pixels, printable, read_image_file
 from .errors import AffinageError, missing_extra
 from .predict import held_out_photos
 from .storage import read_json, write_json, write_text
@@ -25,7 +26,7 @@ from .storage import read_json, write_json, write_text
 if TYPE_CHECKING:
     import torch
 
-    from .run import Run
+    from .saved import Run
 
 FORMATS = ("onnx", "hf", "timm")
 ONNX_OPSET = 18  # >= 17: LayerNormalization is a single op; 18 is the newest the torch exporter targets natively
@@ -42,7 +43,7 @@ def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike
                log: Callable[[str], None] = _say) -> dict[str, Any]:
     """Write `out` (a new folder) in format `fmt` and return what was checked: how the folder was reloaded,
     on how many inputs, the max absolute logit difference to the run's model and the top-1 agreement."""
-    from .run import Run
+    from .saved import Run
 
     fmt = fmt.strip().lower()
     if fmt not in FORMATS:
@@ -61,11 +62,14 @@ def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         with _quiet_transformers():
-            pixels = _check_inputs(run)
+            checked = _check_inputs(run)
+            pixels = checked.pixels
             reference = _torch_logits(run.model, pixels)
             writer = {"onnx": _write_onnx, "hf": _write_hf, "timm": _write_timm}[fmt]
             report = writer(run, tmp, pixels, reference, opset)
-        report.update(format=fmt, inputs=len(pixels))
+        report.update(format=fmt, inputs=len(pixels), inputs_described=checked.describe(),
+                      held_out_photos=len(checked.photos), held_out_in_memory=len(checked.in_memory),
+                      noise_images=checked.noise, inputs_skipped=[list(s) for s in checked.skipped])
         write_json(tmp / "preprocessor_config.json", preprocessor_config(run.preprocessing))
         write_text(tmp / "README.md", model_card(run, fmt, report, str(target)))
         if target.exists():
@@ -74,8 +78,9 @@ def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report["folder"] = str(target)
-    log(f"exported {run.path} as {fmt} -> {target}: {report['checked_with']} on {report['inputs']} inputs, "
-        f"max abs logit diff {report['max_abs_diff']:.2e}, same top-1 on {report['top1_agree']}/{report['inputs']}")
+    log(f"exported {run.path} as {fmt} -> {target}: {report['checked_with']} on {report['inputs']} inputs "
+        f"({report['inputs_described']}), max abs logit diff {report['max_abs_diff']:.2e}, same top-1 on "
+        f"{report['top1_agree']}/{report['inputs']}")
     return report
 
 
@@ -100,7 +105,7 @@ def _quiet_transformers() -> Iterator[None]:
 # Which formats fit which runs
 # ----------------------------------------------------------------------------------------------
 def _info(run: Run) -> dict[str, Any]:
-    return read_json(run.path / "model" / "model.json")
+    return {**run.info.to_dict(), "head_hidden": run.info.heads[run.info.task].hidden}
 
 
 def incompatibility(run: Run, fmt: str) -> str | None:
@@ -128,23 +133,84 @@ def working_formats(run: Run) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checking: real held-out photos through the run's own preprocessing, plus one noise image
+# Checking: held-out test images through the run's own preprocessing, plus one noise image
 # ----------------------------------------------------------------------------------------------
-def _check_inputs(run: Run, photos: int = 2) -> torch.Tensor:
+@dataclass
+class CheckInputs:
+    """What the export is compared on, so that the model card says exactly that."""
+
+    pixels: torch.Tensor
+    photos: list[str] = field(default_factory=list)  # held-out test files
+    in_memory: list[str] = field(default_factory=list)  # held-out test images of an in-memory source (digits, hf:)
+    noise: int = 0  # random-noise images (also a batch size other than the one exported with)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # held-out images that could not be used, and why
+
+    def describe(self) -> str:
+        parts = []
+        if self.photos:
+            parts.append(f"{len(self.photos)} held-out test photo(s) ({', '.join(printable(p) for p in self.photos)})")
+        if self.in_memory:
+            parts.append(f"{len(self.in_memory)} held-out test image(s) decoded from the in-memory data source "
+                         f"({', '.join(printable(k) for k in self.in_memory)})")
+        if not self.photos and not self.in_memory:
+            parts.append("no held-out test image")
+        parts.append(f"{self.noise} random-noise image(s)")
+        text = " and ".join(parts)
+        if self.skipped:
+            text += "; not usable: " + "; ".join(f"{printable(k)} ({why})" for k, why in self.skipped)
+        return text
+
+
+def _check_inputs(run: Run, photos: int = 2) -> CheckInputs:
+    """Held-out test photos of the run (files), else held-out images of its in-memory source, then noise."""
     import torch
 
     pp = run.preprocessing
     transform = eval_transform(pp)
+    found = CheckInputs(torch.empty(0))
     rows = []
     for path in held_out_photos(run)[:photos * 4]:
         if len(rows) == photos:
             break
-        with contextlib.suppress(Exception), open(path, "rb") as fh:
-            rows.append(transform(torch.from_numpy(load_pixels(fh.read(), pp))))
+        try:
+            rows.append(transform(torch.from_numpy(load_pixels(read_image_file(path), pp))))
+            found.photos.append(path)
+        except UnreadableImage as exc:  # read_image_file turns every OSError into one, with the reason
+            found.skipped.append((path, str(exc)))
+    if not rows:
+        for key, pixels in _in_memory_test_images(run, photos, found.skipped):
+            rows.append(transform(torch.from_numpy(pixels)))
+            found.in_memory.append(key)
     generator = torch.Generator().manual_seed(0)
     while len(rows) < photos + 1:  # noise too, and a batch size other than the one exported with
         rows.append(torch.randn(3, pp.input_size, pp.input_size, generator=generator))
-    return torch.stack(rows)
+        found.noise += 1
+    found.pixels = torch.stack(rows)
+    return found
+
+
+def _in_memory_test_images(run: Run, limit: int, skipped: list[tuple[str, str]]) -> list[tuple[str, np.ndarray]]:
+    """Decoded test images of a run whose data is not files (digits, hf: datasets); [] for file sources or when the
+    source cannot be loaded here (the reason goes to `skipped`)."""
+    from .data import load_source, read_split_lists
+
+    data = str(run.config.get("data") or "")
+    if not (data == "digits" or data.startswith("hf:")):
+        return []
+    try:
+        images = load_source(data)
+        test = read_split_lists(run.path / "splits", images.samples).test
+    except AffinageError as exc:
+        skipped.append((data, f"its test images cannot be read here: {exc.problem}"))
+        return []
+    out = []
+    for i in test[:limit]:
+        sample = images.samples[i]
+        try:
+            out.append((sample.key, load_pixels(images.read_bytes(sample), run.preprocessing)))
+        except UnreadableImage as exc:
+            skipped.append((sample.key, str(exc)))
+    return out
 
 
 def _torch_logits(model: Any, pixels: torch.Tensor) -> np.ndarray:
@@ -425,7 +491,7 @@ def model_card(run: Run, fmt: str, report: dict[str, Any], folder: str = "DIR") 
               "## How to use", "", HOW_TO_LOAD[fmt].replace("DIR", folder), "",
               "## Export check", "",
               f"Reloaded with {report['checked_with']} and compared with the run's model on {report['inputs']} "
-              f"inputs (held-out photos and noise): max absolute logit difference {report['max_abs_diff']:.2e}, "
+              f"inputs: {report['inputs_described']}. Max absolute logit difference {report['max_abs_diff']:.2e}, "
               f"same top-1 on {report['top1_agree']}/{report['inputs']}.", "",
               "## Intended use and limits", "",
               f"- Intended for sorting photos like the training data into these {len(run.classes)} classes.",

@@ -6,9 +6,12 @@
 
 codecarbon runs offline and quietly: no network, no API, no emissions.csv, errors only. It measures the CPU
 with RAPL and NVIDIA GPUs with NVML where the machine exposes them, and otherwise estimates from CPU load x TDP
-(containers and VMs usually hide RAPL); `method` says which. In "process" mode it counts this process (and its
-data-loader workers), not the other jobs sharing the machine. If codecarbon fails, the footprint falls back to
-CPU TDP x time x this process's CPU share, and `method` says so. Numbers are always > 0.
+(containers and VMs usually hide RAPL). In "process" mode it counts this process (and its data-loader workers),
+not the other jobs sharing the machine. It starts in the background, a moment after the run: its figures cover
+`tracked_seconds` of the run's `seconds` and are scaled to the whole run. If codecarbon fails, or tracked less
+than half the run, the footprint is estimated from this process's CPU time x the CPU's TDP. `basis` says which:
+"measured" (hardware counters over the whole run), "scaled" (hardware counters over part of it, extrapolated)
+or "estimated"; `method` says how, in words. Nothing is rounded up: a run that used no CPU time shows 0.
 
 CO2 = energy x the carbon intensity of the country's grid (codecarbon's offline table, `country`: ISO 3166-1
 alpha-3, default FRA, where the project runs). Water = energy x `water_l_per_kwh`: default 1.8 L/kWh, the
@@ -32,6 +35,8 @@ DEFAULT_COUNTRY = "FRA"
 WATER_L_PER_KWH = 1.8  # US data-centre average on-site WUE (Shehabi et al. 2016); see the module docstring
 FALLBACK_TDP_W = 85.0  # codecarbon's own default when a CPU model is not in its TDP table
 WORLD_CARBON_G_PER_KWH = 475.0  # IEA world average, used only when the country table is unavailable
+MIN_TRACKED_SHARE = 0.5  # codecarbon must have tracked this share of the run for its figures to be scaled up
+WHOLE_RUN = 0.99  # tracked share from which codecarbon's figures count as covering the whole run (not scaled)
 MEASURED_CPU_MODES = {"intel_rapl": "RAPL", "intel_power_gadget": "Intel Power Gadget", "windows_emi": "Windows EMI",
                       "powermetrics": "powermetrics", "apple_powermetrics": "powermetrics"}
 
@@ -121,51 +126,66 @@ class FootprintTracker:
     def _from_codecarbon(self, tracker: Any, seconds: float) -> dict[str, Any] | None:
         data = tracker.final_emissions_data
         energy, co2 = float(data.energy_consumed or 0.0), float(data.emissions or 0.0)
-        # codecarbon started a moment after the run (in the background): extend its figures to the whole run
-        tracked = max(1e-6, seconds - (getattr(self, "_tracked_from", self._t0) - self._t0))
-        scale = min(10.0, seconds / tracked)
-        energy, co2 = energy * scale, co2 * scale
+        tracked = seconds - (getattr(self, "_tracked_from", self._t0) - self._t0)
+        if tracked < MIN_TRACKED_SHARE * seconds:
+            self._error = f"codecarbon tracked only {max(tracked, 0.0):.1f} s of the {seconds:.1f} s run"
+            return None
         if not (energy > 0 and co2 > 0):
             self._error = f"codecarbon reported {energy} kWh / {co2} kg"
             return None
-        measured, estimated = [], []
-        for hw in getattr(tracker, "_hardware", []):
-            kind = type(hw).__name__
-            if kind == "CPU":
-                mode = getattr(hw, "_mode", "")
-                if mode in MEASURED_CPU_MODES:
-                    measured.append(f"CPU via {MEASURED_CPU_MODES[mode]}")
-                else:
-                    tdp = getattr(hw, "_tdp", None)
-                    estimated.append(f"CPU {'load x TDP' if mode == 'cpu_load' else 'constant TDP'}"
-                                     + (f" ({tdp:g} W)" if isinstance(tdp, (int, float)) else ""))
-            elif kind == "GPU":
-                measured.append("GPU via NVML")
-            elif kind == "RAM":
-                estimated.append("RAM from its size")
-            else:
-                estimated.append(kind)
-        parts = [", ".join(measured) + " measured" if measured else "",
-                 ", ".join(estimated) + " estimated" if estimated else ""]
-        method = f"{'measured' if measured else 'estimated'}: codecarbon ({'; '.join(p for p in parts if p)})"
-        return self._result(energy, co2, seconds, method, measured=bool(measured),
+        scaled = tracked < WHOLE_RUN * seconds
+        scale = seconds / tracked if scaled else 1.0  # codecarbon started a moment after the run (in the background)
+        measured, estimated = _hardware_sources(tracker)
+        parts = "; ".join(p for p in (", ".join(measured) + " measured" if measured else "",
+                                      ", ".join(estimated) + " estimated" if estimated else "") if p)
+        how = f"over {tracked:.1f} s of the {seconds:.1f} s run, scaled to the whole run" if scaled else "over the whole run"
+        method = f"{'measured' if measured else 'estimated'} by codecarbon {how} ({parts})"
+        basis = "estimated" if not measured else "scaled" if scaled else "measured"
+        return self._result(energy * scale, co2 * scale, seconds, method, basis, tracked_seconds=tracked,
                             cpu_kwh=float(data.cpu_energy or 0.0) * scale, gpu_kwh=float(data.gpu_energy or 0.0) * scale,
                             ram_kwh=float(data.ram_energy or 0.0) * scale, tracking_mode=data.tracking_mode,
                             tracker=f"codecarbon {data.codecarbon_version}")
 
     def _estimate(self, seconds: float) -> dict[str, Any]:
+        """This process's CPU time (all its threads and workers) x the CPU's TDP per core: no floor, no clamp."""
         cores = os.cpu_count() or 1
-        share = min(1.0, max(1.0 / cores, (_cpu_seconds() - self._cpu0) / max(seconds * cores, 1e-9)))
-        energy = max(FALLBACK_TDP_W * share * seconds / 3.6e6, 1e-12)
+        cpu_seconds = max(0.0, _cpu_seconds() - self._cpu0)
+        energy = FALLBACK_TDP_W * cpu_seconds / cores / 3.6e6
         intensity = carbon_intensity(self.country)
         why = f" (codecarbon unavailable: {self._error})" if self._error else ""
-        method = f"estimated: CPU TDP {FALLBACK_TDP_W:g} W x {seconds:.1f} s x {share:.0%} CPU share{why}"
-        return self._result(energy, energy * intensity / 1000.0, seconds, method, measured=False, tracker="affinage")
+        method = (f"estimated from CPU time x TDP: {FALLBACK_TDP_W:g} W x {cpu_seconds:.1f} CPU-seconds / {cores} "
+                  f"cores{why}")
+        return self._result(energy, energy * intensity / 1000.0, seconds, method, "estimated", tracker="affinage",
+                            cpu_seconds=cpu_seconds)
 
-    def _result(self, energy: float, co2: float, seconds: float, method: str, **extra: Any) -> dict[str, Any]:
+    def _result(self, energy: float, co2: float, seconds: float, method: str, basis: str,
+                **extra: Any) -> dict[str, Any]:
+        intensity = co2 * 1000.0 / energy if energy > 0 else carbon_intensity(self.country)
         return {"energy_kwh": energy, "co2_kg": co2, "water_l": energy * self.water_l_per_kwh, "method": method,
-                **extra, "seconds": seconds, "country": self.country,
-                "carbon_intensity_g_per_kwh": co2 * 1000.0 / energy, "water_l_per_kwh": self.water_l_per_kwh}
+                "basis": basis, "measured": basis == "measured", **extra, "seconds": seconds, "country": self.country,
+                "carbon_intensity_g_per_kwh": intensity, "water_l_per_kwh": self.water_l_per_kwh}
+
+
+def _hardware_sources(tracker: Any) -> tuple[list[str], list[str]]:
+    """(measured, estimated): how codecarbon got each device's power, in words."""
+    measured, estimated = [], []
+    for hw in getattr(tracker, "_hardware", []):
+        kind = type(hw).__name__
+        if kind == "CPU":
+            mode = getattr(hw, "_mode", "")
+            if mode in MEASURED_CPU_MODES:
+                measured.append(f"CPU via {MEASURED_CPU_MODES[mode]}")
+            else:
+                tdp = getattr(hw, "_tdp", None)
+                estimated.append(f"CPU {'load x TDP' if mode == 'cpu_load' else 'constant TDP'}"
+                                 + (f" ({tdp:g} W)" if isinstance(tdp, (int, float)) else ""))
+        elif kind == "GPU":
+            measured.append("GPU via NVML")
+        elif kind == "RAM":
+            estimated.append("RAM from its size")
+        else:
+            estimated.append(kind)
+    return measured, estimated
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from .data import PATH_ERRORS, UnreadableImage, list_files, load_pixels, printab
 from .errors import AffinageError
 
 if TYPE_CHECKING:
-    from .run import Run
+    from .saved import Run
 
 DEFAULT_BATCH_SIZE = 32  # images decoded and held in memory at once (the model sees them in run_batches' batches)
 GLOB_CHARS = set("*?[")

@@ -12,7 +12,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .storage import read_json, write_text
+from .data import PATH_ERRORS, printable
+from .errors import AffinageError
+from .runfiles import read_history, read_metrics
+from .storage import write_text
 
 SECTIONS = ("summary", "targets", "diagnosis", "config", "data", "leaks", "learning-curves", "confusion-matrix",
             "per-class", "groups", "calibration", "footprint", "environment")
@@ -35,20 +38,22 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     """Build report.html from the files of a run directory; returns its path."""
     root = Path(run_dir)
     if not (root / "metrics.json").exists():
-        from .errors import AffinageError
-
         raise AffinageError(f"'{root}' has no metrics.json: not a finished affinage run",
                             "pass the --out directory of a completed `affinage train`")
     page = render(root)
     path = root / "report.html"
-    write_text(path, page)
+    try:
+        write_text(path, page)
+    except OSError as exc:
+        raise AffinageError(f"cannot write {path}: {exc.strerror or exc}",
+                            f"free some space or make {root} writable, then run `affinage report {root}`") from exc
     return path
 
 
 def render(root: Path) -> str:
-    metrics = read_json(root / "metrics.json")
-    history = read_json(root / "history.json") if (root / "history.json").exists() else []
-    config_text = (root / "config.yaml").read_text(encoding="utf-8") if (root / "config.yaml").exists() else ""
+    metrics = _read_json(root, read_metrics)
+    history = _read_json(root, read_history)
+    config_text = (root / "config.yaml").read_text(encoding="utf-8", errors=PATH_ERRORS) if (root / "config.yaml").exists() else ""
     test = metrics.get("test", {})
     classes = metrics.get("data", {}).get("classes") or list(test.get("per_class", {}))
     parts = [
@@ -146,7 +151,9 @@ def _leaks(root: Path, metrics: dict[str, Any]) -> str:
     if not rows:
         return _section("leaks", "Leak check", "<p>No exact or near-duplicate images across train/val/test.</p>")
     distance = (info or {}).get("max_hash_distance")
-    how = (f" Near duplicates: perceptual-hash distance up to {distance} of 256 bits." if distance is not None else "")
+    how = (f" Near duplicates: perceptual hashes within {distance} of 256 bits, then confirmed on the pixels once "
+           "aligned (edges: correlation of the gradients; colours: 95th-percentile difference, of 255)."
+           if distance is not None else "")
     dropped = (info or {}).get("dropped", 0)
     note = (f"{dropped} leaked image(s) were dropped from val/test (--drop-leaks)." if dropped else
             "The val/test figures are optimistic: retrain with <code>--drop-leaks</code> or fix the split.")
@@ -158,9 +165,10 @@ def _leaks(root: Path, metrics: dict[str, Any]) -> str:
     body = f"<p class=\"warn\">{len(rows)} duplicate pair(s) across splits (leaks.csv). {note}</p><p>{how}</p>"
     if base:
         body += f"<p>Paths relative to <code>{_e(base)}</code>.</p>"
-    body += _table(["image", "split", "label", "duplicate", "split", "label", "kind", "distance"],
+    body += _table(["image", "split", "label", "duplicate", "split", "label", "kind", "distance", "edges", "colours"],
                    [[short[2 * k], r["split_a"], r.get("label_a", ""), short[2 * k + 1], r["split_b"],
-                     r.get("label_b", ""), r["kind"], int(r["distance"])] for k, r in enumerate(shown)])
+                     r.get("label_b", ""), r["kind"], int(r["distance"]), r.get("edges") or "",
+                     r.get("colours") or ""] for k, r in enumerate(shown)])
     if len(rows) > MAX_TABLE_ROWS:
         body += f"<p>… and {len(rows) - MAX_TABLE_ROWS} more in leaks.csv</p>"
     return _section("leaks", "Leak check", body)
@@ -308,9 +316,11 @@ def _footprint(fp: dict[str, Any] | None) -> str:
         return _section("footprint", "Footprint", "<p>This run has no footprint.</p>")
     rows = [["energy", f"{fp['energy_kwh']:.6g} kWh"], ["CO2", f"{fp['co2_kg'] * 1000:.6g} g"],
             ["water", f"{fp['water_l']:.6g} L ({fp.get('water_l_per_kwh', '?')} L/kWh)"],
-            ["method", fp.get("method", "?")], ["country", f"{fp.get('country', '?')} "
-                                                          f"({fp.get('carbon_intensity_g_per_kwh', 0):.0f} gCO2e/kWh)"],
+            ["basis", fp.get("basis", "?")], ["method", fp.get("method", "?")],
+            ["country", f"{fp.get('country', '?')} ({fp.get('carbon_intensity_g_per_kwh', 0):.0f} gCO2e/kWh)"],
             ["duration", f"{fp.get('seconds', 0):.1f} s"]]
+    if "tracked_seconds" in fp:
+        rows.append(["tracked by codecarbon", f"{fp['tracked_seconds']:.1f} s"])
     for key, label in (("cpu_kwh", "CPU energy"), ("gpu_kwh", "GPU energy"), ("ram_kwh", "RAM energy")):
         if key in fp:
             rows.append([label, f"{fp[key]:.6g} kWh"])
@@ -331,7 +341,8 @@ def _environment(metrics: dict[str, Any]) -> str:
 # HTML and plotting helpers
 # ----------------------------------------------------------------------------------------------
 def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+    """HTML-escaped text; bytes of non-UTF-8 file names (surrogate escapes) shown as \\xNN."""
+    return html.escape(printable(str(text)), quote=True)
 
 
 def _f(value: Any) -> str:
@@ -367,10 +378,23 @@ def _relative(paths: Sequence[str]) -> tuple[str, list[str]]:
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV the run wrote; file names that are not UTF-8 come back as surrogate escapes (PATH_ERRORS)."""
     if not path.exists():
         return []
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    try:
+        with open(path, newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
+            return list(csv.DictReader(fh))
+    except (OSError, csv.Error) as exc:
+        raise AffinageError(f"cannot read {path}: {exc}", "check the run directory, or rerun the training") from exc
+
+
+def _read_json(root: Path, reader: Any) -> Any:
+    try:
+        return reader(root)
+    except AffinageError:
+        raise
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise AffinageError(f"cannot read the run files of {root}: {exc}", "the run directory is damaged: train again") from exc
 
 
 def _figure(width: float, height: float) -> Any:

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
+from .data import PATH_ERRORS
 from .errors import AffinageError
-from .storage import read_json
+from .runfiles import read_config, read_history, read_metrics
 
 IGNORED_HISTORY_KEYS = {"seconds"}  # wall-clock time per epoch is the only non-deterministic history column
 MAX_LISTED = 20
@@ -21,7 +22,6 @@ MAX_LISTED = 20
 def reproduce(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, progress: bool = True,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train again with the run's saved config, seed and split lists; {"identical", "differences", "out"}."""
-    import yaml
 
     from .run import Run, finetune
 
@@ -30,7 +30,7 @@ def reproduce(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     if not (root / "config.yaml").exists() or not (root / "splits").is_dir():
         raise AffinageError(f"run '{root}' has no config.yaml or splits/ folder, so it cannot be reproduced",
                             "reproduce a run written by `affinage train`")
-    cfg = TrainConfig.from_dict(yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8")) or {})
+    cfg = TrainConfig.from_dict(read_config(root))
     if cfg.data != "digits" and not cfg.data.startswith("hf:") and not Path(cfg.data).expanduser().exists():
         raise AffinageError(f"the run's data '{cfg.data}' (config.yaml) is not found from {Path.cwd()}",
                             "run `affinage reproduce` from the folder the original run was started in (a relative "
@@ -60,7 +60,7 @@ def compare_runs(a: Path, b: Path) -> list[str]:
         if ha != hb:
             changed = sum(1 for k in set(ha) | set(hb) if ha.get(k) != hb.get(k))
             diffs.append(f"data: {changed} image(s) of the {split} split differ (path or content hash)")
-    ma, mb = read_json(a / "metrics.json"), read_json(b / "metrics.json")
+    ma, mb = read_metrics(a, required=True), read_metrics(b, required=True)
     for key in ("test", "val", "groups", "targets", "calibration"):
         diffs += _diff(ma.get(key), mb.get(key), key)
     ha, hb = _history(a), _history(b)
@@ -87,14 +87,14 @@ def _diff(x: Any, y: Any, where: str) -> list[str]:
 
 
 def _history(run: Path) -> list[dict[str, Any]]:
-    rows = read_json(run / "history.json") if (run / "history.json").exists() else []
+    rows = read_history(run)
     return [{k: v for k, v in r.items() if k not in IGNORED_HISTORY_KEYS} for r in rows]
 
 
 def _split_hashes(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:  # file names need not be UTF-8
         return {row["path"]: row.get("sha", "") for row in csv.DictReader(fh)}
 
 

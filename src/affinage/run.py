@@ -1,177 +1,134 @@
-"""Runs: `finetune` (data -> backbone -> strategy -> train -> evaluate -> run directory) and `Run`,
-which reloads a run directory to predict or re-evaluate with nothing else."""
+"""The pipeline. `finetune` reads as its stages, each a function over typed state, usable alone from Python:
+
+    load_data -> build_backbone -> open_run_dir -> prepare_data -> extract_features -> plan_training
+    -> train_model -> evaluate_model -> write_run
+
+Under `torchrun`/`accelerate launch` every process runs every stage; only the main one writes the run directory
+and prints, decoding fills the shared cache on the main process first, and features, fine-tuning and test
+logits are sharded across processes and gathered (affinage.distributed).
+"""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import distributed as dist
 from .config import TrainConfig
 from .data import (
-    PATH_ERRORS,
     DecodedImages,
-    PixelDataset,
+    LabelledImages,
     Preprocessing,
     Sample,
     Splits,
     check_usable,
     class_counts,
     decode_all,
-    eval_transform,
     load_source,
     make_splits,
     printable,
     read_split_lists,
-    train_transform,
     write_skipped,
     write_split_lists,
 )
 from .errors import AffinageError
-from .storage import digest, read_json, write_json, write_text
+from .labels import LabelSpace
+from .runfiles import (
+    CHECKPOINT_DIR,
+    HeadInfo,
+    ModelInfo,
+    prepare_run_dir,
+    remove_checkpoints,
+    resume_run_dir,
+    save_adapter,
+    write_config,
+    write_history,
+    write_metrics,
+    write_model,
+    write_predictions,
+)
+from .saved import Run
+from .seeding import seeded, stage_seed
+from .storage import digest
 
-MODEL_DIR = "model"
+__all__ = ["finetune", "Run", "evaluate_run", "load_data", "build_backbone", "open_run_dir", "prepare_data",
+           "extract_features", "plan_training", "train_model", "evaluate_model", "write_run"]
 
 
 def _say(msg: str) -> None:
     print(printable(msg), flush=True)
 
 
-def prepare_run_dir(out: str | os.PathLike[str] | None, strategy: str) -> Path:
-    """A new, empty run directory; an existing run is never overwritten."""
-    if out is None:
-        out = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{strategy.replace(':', '')}"
-    path = Path(out)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise AffinageError(f"run directory '{path}' already exists and is not empty",
-                            "choose a new --out, or move the old run away (affinage never overwrites a run)")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+# ----------------------------------------------------------------------------------------------
+# Typed state passed between stages
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Backbone:
+    """The pretrained network, or its card when a frozen backbone's features are all cached (no network built)."""
 
-
-def resume_run_dir(out: str | os.PathLike[str] | None, cfg: TrainConfig) -> Path:
-    """`--resume`: the run directory of an interrupted run made with the same config, holding a checkpoint."""
-    import yaml
-
-    from .train import CHECKPOINT_DIR
-
-    if out is None:
-        raise AffinageError("--resume needs the run directory to continue", "pass --out RUN, the interrupted run's directory")
-    path = Path(out)
-    if not (path / "config.yaml").is_file():
-        raise AffinageError(f"'{path}' is not an affinage run directory (no config.yaml), so it cannot be resumed",
-                            "pass the --out of the interrupted run, or drop --resume to start a new run")
-    saved = TrainConfig.from_dict(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}).to_dict()
-    wanted = cfg.to_dict()
-    changed = [k for k in wanted if k != "resume" and saved.get(k) != wanted[k]]
-    if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} in the run, {wanted[k]!r} now" for k in changed)
-        raise AffinageError(f"--resume with options that differ from the interrupted run's config.yaml ({diffs})",
-                            f"resume with the same options as {path / 'config.yaml'}, or drop --resume and use a new --out")
-    if not any((path / CHECKPOINT_DIR).glob("*.pt")):
-        if (path / MODEL_DIR / "model.json").exists() and (path / "metrics.json").exists():
-            raise AffinageError(f"run '{path}' has already finished; there is nothing to resume",
-                                "use it as it is (affinage predict/eval), or train again with a new --out")
-        raise AffinageError(f"run '{path}' has no checkpoint to resume from (it stopped before its first epoch ended)",
-                            "start it again: remove that directory or choose a new --out, without --resume")
-    return path
-
-
-@dataclass
-class Run:
-    """A finished run directory: config, metrics, and the model ready for inference."""
-
-    path: Path
-    config: dict[str, Any]
-    metrics: dict[str, Any]
-    classes: list[str]
+    net: Any  # ImageClassifier | None
+    card: Any  # BackboneCard | None
+    card_key: str | None
     preprocessing: Preprocessing
-    inference: str
-    strategy: str
-    _model: Any = field(default=None, repr=False)
+    seconds: float
 
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Run":
-        root = Path(path)
-        info_path = root / MODEL_DIR / "model.json"
-        if not info_path.exists():
-            raise AffinageError(f"'{root}' is not a finished affinage run (no {MODEL_DIR}/model.json)",
-                                "pass the --out directory of a completed `affinage train`")
-        info = read_json(info_path)
-        metrics = read_json(root / "metrics.json") if (root / "metrics.json").exists() else {}
-        config = {}
-        if (root / "config.yaml").exists():
-            import yaml
 
-            config = yaml.safe_load((root / "config.yaml").read_text()) or {}
-        return cls(root, config, metrics, info["classes"], Preprocessing.from_dict(info["preprocessing"]),
-                   info.get("inference", "fp32"), info.get("strategy", "full"))
+@dataclass(frozen=True)
+class PreparedData:
+    """Decoded images, their splits, the task's label space and the integer labels of every sample."""
 
-    @property
-    def model(self) -> Any:
-        if self._model is None:
-            from safetensors.torch import load_file
+    decoded: DecodedImages
+    splits: Splits
+    labels: LabelSpace
+    y: np.ndarray
+    leaks: dict[str, Any]
+    targets: list[Any]  # the parsed --target expressions, checked against the label space
+    seconds: float
+    key: str  # identity of images, splits and labels: checkpoints are only resumed with the same
 
-            from .backbones import BackboneSpec, rebuild_model
 
-            info = read_json(self.path / MODEL_DIR / "model.json")
-            model = rebuild_model(BackboneSpec.from_dict(info["backbone"]), self.preprocessing, len(self.classes),
-                                  info.get("head_hidden"))
-            model.load_state_dict(load_file(str(self.path / MODEL_DIR / "model.safetensors")), strict=True)
-            self._model = model.eval()
-        return self._model
+@dataclass(frozen=True)
+class Features:
+    """Pooled frozen-backbone features of every decoded image (None: the plan does not need them)."""
 
-    def logits(self, pixels: np.ndarray, indices: list[int] | None = None, progress: bool = False) -> np.ndarray:
-        """Logits for rows of a decoded uint8 array, through the exact inference path used at test time."""
-        import torch
+    values: Any  # torch.Tensor | None
+    cached: bool | None
+    seconds: float
 
-        from .train import default_device, run_batches
 
-        device = default_device()
-        model = self.model.to(device).to(memory_format=torch.channels_last)
-        idx = list(range(len(pixels))) if indices is None else indices
-        return run_batches(model, pixels, idx, self.preprocessing, device, self.dtype(device), progress=progress).numpy()
+@dataclass(frozen=True)
+class Plan:
+    strategy: Any  # Strategy
+    hp: dict[str, Any]
+    reason: str
+    evidence: dict[str, Any] | None
+    device: Any
+    precision: Any  # inference.Precision
 
-    def split_logits(self, decoded: DecodedImages, indices: list[int], progress: bool = False) -> np.ndarray:
-        """Logits for some rows of a decoded dataset, the way the run was evaluated: frozen-backbone runs apply
-        the head to the (cached) features, others run the whole model."""
-        import torch
 
-        from .backbones import fingerprint
-        from .strategies import get_strategy
-        from .train import cached_features, default_device
+@dataclass(frozen=True)
+class Trained:
+    net: Any  # ImageClassifier | None (None: card-only run, the head alone was trained)
+    head: Any
+    history: list[dict[str, Any]]
+    probe: Any  # FitResult of the head on features, or None
+    fine_tune: Any  # FitResult of the fine-tuning phase, or None
+    seconds: float
 
-        if not get_strategy(self.strategy).uses_cached_features:
-            return self.logits(decoded.pixels, indices, progress=progress)
-        device = default_device()
-        model = self.model.to(device).to(memory_format=torch.channels_last)
-        feats, _ = cached_features(model, fingerprint(model), decoded.pixels, decoded.hashes, self.preprocessing, device,
-                                   self.dtype(device), progress)
-        with torch.no_grad():
-            return model.head.cpu()(feats[indices]).numpy()
 
-    def dtype(self, device: Any) -> Any:
-        import torch
-
-        if device.type == "cpu" and self.inference == "fp16":
-            return None
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.inference)
-
-    def predict(self, files: Sequence[str], top_k: int = 5) -> list[dict[str, Any]]:
-        """Top-k labels with probabilities per image file; unreadable files get an `error` instead."""
-        from .predict import predict_files
-
-        return predict_files(self, files, top_k)
+@dataclass(frozen=True)
+class Evaluation:
+    logits: np.ndarray
+    test: dict[str, Any]
+    seconds: float
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,186 +143,208 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "line
     >>> run.metrics["test"]["accuracy"]
     """
     from .footprint import FootprintTracker
-    from .targets import parse_targets
 
     cfg = TrainConfig(data=str(data), model=model, strategy=strategy, **options)
-    parse_targets(cfg.targets)  # a typo in --target fails now, not after training
-    footprint = FootprintTracker(cfg.country, cfg.water_l_per_kwh).start()  # energy, CO2 and water of the whole run
+    main = dist.is_main()
+    log = log if main else _silent
+    dist.warn_single_cpu_launch(log)  # `accelerate launch --cpu --num_processes 2` starts one process: say so now
+    progress = progress and main
+    footprint = FootprintTracker(cfg.country, cfg.water_l_per_kwh).start() if main else None  # the whole run's
+    started = time.perf_counter()
     try:
-        return _finetune(cfg, out, progress, log, footprint)
+        images = load_data(cfg)
+        backbone = build_backbone(cfg)
+        run_dir = open_run_dir(cfg, out)
+        log(f"affinage: {cfg.strategy} on {images.description} with {cfg.model} -> {run_dir}")
+        prepared = prepare_data(cfg, images, backbone.preprocessing, run_dir, progress, log)
+        plan = plan_device(cfg)
+        backbone, features = extract_features(cfg, backbone, prepared, plan, progress, log)
+        plan = plan_training(cfg, backbone, prepared, features, plan, log)
+        trained = train_model(cfg, plan, backbone, prepared, features, run_dir, progress, log)
+        evaluation = evaluate_model(plan, trained, prepared, features, progress)
+        return write_run(run_dir, cfg, images, backbone, prepared, features, plan, trained, evaluation,
+                         footprint, started, log)
     finally:
-        footprint.stop()
+        if footprint is not None:
+            footprint.stop()
 
 
-def _finetune(cfg: TrainConfig, out: str | os.PathLike[str] | None, progress: bool, log: Callable[[str], None],
-              footprint: Any) -> Run:
-    import torch
+def _silent(msg: str) -> None:
+    """The log of processes other than the main one."""
 
-    from .backbones import card_key, create_model, fingerprint, load_card, make_head, save_card
-    from .diagnosis import diagnose, format_findings
-    from .evaluate import calibration, classification_metrics, group_metrics
-    from .strategies import choose_strategy, decay_groups, get_strategy, set_norms_eval
-    from .targets import check_targets, format_result, parse_targets
-    from .train import (
-        CHECKPOINT_DIR,
-        LoopSettings,
-        cached_features,
-        default_device,
-        default_workers,
-        fit,
-        load_cached_features,
-        resolve_precision,
-        seed_everything,
-    )
 
-    t_start = time.perf_counter()
-    auto = cfg.strategy == "auto"
-    strat = get_strategy("linear-probe" if auto else cfg.strategy)  # auto: decided once the features are known
-    images = load_source(cfg.data, cfg.group_by)  # validates the data path before anything slow
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+def load_data(cfg: TrainConfig) -> LabelledImages:
+    """The labelled samples of `cfg.data`, validated before anything slow, as are the --target expressions (a typo
+    or an unknown class fails now, before any run directory exists)."""
+    from .targets import parse_targets
+
+    images = load_source(cfg.data, cfg.group_by)
     parse_targets(cfg.targets, images.classes)  # a class named in --target must exist, checked before any run dir
+    return images
+
+
+def build_backbone(cfg: TrainConfig) -> Backbone:
+    """The pretrained network; or, for a frozen backbone seen before, its card (a second linear-probe run whose
+    features are all cached never builds the network)."""
+    from .backbones import card_key, load_card
+    from .strategies import get_strategy
+
     t0 = time.perf_counter()
-
-    def build() -> Any:
-        return create_model(cfg.model, num_classes=2, pretrained=cfg.pretrained, head_hidden=strat.head_hidden,
-                            image_size=cfg.image_size, trust_remote_code=cfg.trust_remote_code)
-
-    # A frozen pretrained backbone seen before has a card (spec, preprocessing, weights, features key): when every
-    # feature is cached too, the run never builds the network (a second linear-probe run skips timm entirely).
-    key = card_key(cfg.model, cfg.image_size) if strat.uses_cached_features and cfg.pretrained and not auto else None
+    frozen = cfg.strategy != "auto" and get_strategy(cfg.strategy).uses_cached_features
+    key = card_key(cfg.model, cfg.image_size, cfg.mean, cfg.std) if frozen and cfg.pretrained else None
     card = load_card(key)
-    net = None if card is not None else build()
+    net = None if card is not None else _build_net(cfg)
     pp = card.preprocessing if card is not None else net.preprocessing
-    model_seconds = time.perf_counter() - t0
-    if cfg.resume:
-        run_dir = resume_run_dir(out, cfg)  # its config.yaml is the same; the checkpoints carry the progress
-    else:
-        run_dir = prepare_run_dir(out, cfg.strategy)
-        write_text(run_dir / "config.yaml", cfg.to_yaml())
-    seed_everything(cfg.seed)
-    device = default_device()
-    precision = resolve_precision(cfg.precision, device)
-    log(f"affinage: {cfg.strategy} on {images.description} with {cfg.model} -> {run_dir}")
+    return Backbone(net, card, key, pp, time.perf_counter() - t0)
 
+
+def _build_net(cfg: TrainConfig) -> Any:
+    from .backbones import create_model
+
+    with seeded(cfg.seed, "backbone"):  # random inits (pretrained=False, fresh layers) move no other stream
+        return create_model(cfg.model, num_classes=2, pretrained=cfg.pretrained, image_size=cfg.image_size,
+                            trust_remote_code=cfg.trust_remote_code, mean=cfg.mean, std=cfg.std)
+
+
+def open_run_dir(cfg: TrainConfig, out: str | os.PathLike[str] | None) -> Path:
+    """A new run directory with config.yaml (or, with --resume, the interrupted one). Made by the main process;
+    the others get its path, or the same error."""
+    def make() -> Path:
+        if cfg.resume:  # its config.yaml is the same; the checkpoints carry the progress
+            return resume_run_dir(out, cfg.to_dict(), normalise=lambda d: TrainConfig.from_dict(d).to_dict())
+        path = prepare_run_dir(out, cfg.strategy)
+        write_config(path, cfg.to_yaml())
+        return path
+
+    return _on_main(make)
+
+
+def prepare_data(cfg: TrainConfig, images: LabelledImages, pp: Preprocessing, run_dir: Path, progress: bool,
+                 log: Callable[[str], None]) -> PreparedData:
+    """Decode (cached), list skipped files, make or reuse the splits, check them for leaks, fix the label space."""
+    from .targets import parse_targets
 
     t0 = time.perf_counter()
-    decoded = decode_all(images, pp, progress=progress)
-    decode_seconds = time.perf_counter() - t0
-    write_skipped(run_dir / "skipped_files.csv", decoded.skipped)
+    with dist.main_first():  # the main process fills the shared image store, the others then read it
+        decoded = decode_all(images, pp, progress=progress)
+    seconds = time.perf_counter() - t0
+    log(f"images: {len(decoded.samples)} usable, {decoded.decoded_count} decoded by this run (the others from the "
+        f"image store), {decoded.hashed_count} file(s) read to hash them, in {seconds:.1f}s")
+    skipped_csv = run_dir / "skipped_files.csv"
+    if dist.is_main():
+        write_skipped(skipped_csv, decoded.skipped)
     if decoded.skipped:
         shown = "; ".join(f"{Path(k).name}: {r}" for k, r in decoded.skipped[:5])
         more = f" (+{len(decoded.skipped) - 5} more)" if len(decoded.skipped) > 5 else ""
-        log(f"skipped {len(decoded.skipped)} file(s) — {shown}{more}; full list in {run_dir / 'skipped_files.csv'}")
-    check_usable(decoded.samples, cfg.data, run_dir / "skipped_files.csv")
-
+        log(f"skipped {len(decoded.skipped)} file(s) — {shown}{more}; full list in {skipped_csv}")
+    check_usable(decoded.samples, cfg.data, skipped_csv)
     samples = decoded.samples
-    splits = (read_split_lists(Path(cfg.splits_from) / "splits", samples) if cfg.splits_from
+    splits = (read_split_lists(Path(cfg.splits_from) / "splits", samples, decoded.hashes) if cfg.splits_from
               else make_splits(samples, cfg.seed, cfg.val_fraction, cfg.test_fraction))
-    splits, leak_info = _leak_check(run_dir, decoded, splits, cfg.drop_leaks, pp, log)
-    classes = sorted({samples[i].label for i in splits.train})
-    _check_split_classes(samples, splits, classes)
-    parse_targets(cfg.targets, classes)  # again for the classes left in train (unreadable files are skipped)
-    write_split_lists(run_dir / "splits", samples, decoded.hashes, splits)
-    label_of = {c: k for k, c in enumerate(classes)}
-    y = np.array([label_of[s.label] for s in samples])
-    log(f"data: {len(classes)} classes, {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test "
+    splits, leak_info, dropped = _leak_check(run_dir, decoded, splits, cfg.drop_leaks, pp, log)
+    labels = LabelSpace.from_labels((samples[i].label for i in splits.train), f"train split of {images.description}")
+    _check_split_classes(samples, splits, labels)
+    targets = parse_targets(cfg.targets, list(labels.classes))  # the classes left in train (unreadable files skipped)
+    if dist.is_main():
+        write_split_lists(run_dir / "splits", samples, decoded.hashes, splits,
+                          reasons={i: "duplicate of an image in an earlier split (--drop-leaks)" for i in dropped})
+    y = np.array(labels.indices(s.label for s in samples), dtype=np.int64)
+    key = digest(*(f"{name}/{samples[i].label}/{decoded.hashes[i]}" for name, idx in splits.items() for i in idx))
+    log(f"data: {len(labels)} classes, {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test "
         f"images ({splits.how})")
+    return PreparedData(decoded, splits, labels, y, leak_info, targets, seconds, key)
 
-    feats = None
-    known_fingerprint = card.fingerprint if card is not None else None  # a card on disk: neither rehashed nor rewritten
-    if card is not None:
-        feats = load_cached_features(card.fingerprint, precision.inference_dtype, decoded.hashes)
-        if feats is None:  # new images: the backbone must run after all (its random init must not move the seed)
-            t0 = time.perf_counter()
-            with torch.random.fork_rng(devices=[]):
-                net = build()
-            model_seconds += time.perf_counter() - t0
-            card = None
-    if net is not None:
-        net.reset_classifier(len(classes), strat.head_hidden)
-        head = net.head
-    else:
-        head = make_head(card.num_features, len(classes), strat.head_hidden)
-    hp = strat.resolve(cfg, len(splits.train))
-    reason = f"{strat.name}, as requested"
-    history: list[dict[str, Any]] = []
-    feature_seconds = 0.0
-    features_cached = None
-    probe = None
-    torch.manual_seed(cfg.seed)
-    # checkpoints are only resumed with the same images in the same splits under the same labels
-    data_key = digest(*(f"{name}/{samples[i].label}/{decoded.hashes[i]}" for name, idx in splits.items() for i in idx))
-    base_settings = dict(label_smoothing=cfg.label_smoothing, seed=cfg.seed, precision=precision,
-                         grad_accum=cfg.grad_accum, checkpoint_key=data_key)
 
-    t_train = time.perf_counter()
-    if auto or strat.uses_cached_features or cfg.head_init == "probe":
-        t0 = time.perf_counter()
+def plan_device(cfg: TrainConfig) -> Plan:
+    """Where and in which precision this process runs (the strategy is decided by `plan_training`)."""
+    from .inference import default_device, resolve_precision
+
+    device = default_device()
+    return Plan(None, {}, "", None, device, resolve_precision(cfg.precision, device))
+
+
+def extract_features(cfg: TrainConfig, backbone: Backbone, data: PreparedData, plan: Plan, progress: bool,
+                     log: Callable[[str], None]) -> tuple[Backbone, Features]:
+    """Frozen-backbone features of every image (cached on disk), when the strategy or the head init needs them.
+    A card whose features are missing (new images) builds the network after all."""
+    import torch
+
+    from .backbones import fingerprint, save_card
+    from .inference import cached_features, load_cached_features
+    from .strategies import get_strategy
+
+    needed = cfg.strategy == "auto" or get_strategy(cfg.strategy).uses_cached_features or cfg.head_init == "probe"
+    if not needed:
+        return backbone, Features(None, None, 0.0)
+    t0 = time.perf_counter()
+    dtype, hashes = plan.precision.inference_dtype, data.decoded.hashes
+    if backbone.card is not None:
+        feats = load_cached_features(backbone.card.fingerprint, dtype, hashes)
         if feats is not None:
-            features_cached = True
-        else:
-            net.to(device).to(memory_format=torch.channels_last)
-            model_key = known_fingerprint or fingerprint(net)
-            feats, features_cached = cached_features(net, model_key, decoded.pixels, decoded.hashes, pp, device,
-                                                     precision.inference_dtype, progress)
-            if known_fingerprint is None:
-                save_card(key, net, model_key)
-        feature_seconds = time.perf_counter() - t0
-        log(f"features: {tuple(feats.shape)} {'from cache' if features_cached else 'computed'} in {feature_seconds:.1f}s")
-        if auto:
-            choice = choose_strategy(feats[splits.train], y[splits.train], net.pretrained_head, cfg.seed)
-            strat, reason, auto_evidence = get_strategy(choice.strategy), choice.reason, choice.evidence
-            if strat.head_hidden != net.head_hidden:
-                net.reset_classifier(len(classes), strat.head_hidden)
-                head = net.head
-            hp = strat.resolve(cfg, len(splits.train))
-            log(reason)
-        probe_hp = hp if strat.uses_cached_features else get_strategy("linear-probe").resolve(
-            TrainConfig(data=cfg.data, seed=cfg.seed))
-        tensors = {name: torch.utils.data.TensorDataset(feats[idx], torch.as_tensor(y[idx])) for name, idx in splits.items()}
-        groups = decay_groups("head", list(head.named_parameters()), probe_hp["lr"], probe_hp["weight_decay"])
-        torch.manual_seed(cfg.seed)
-        probe = fit(head, tensors["train"], tensors["val"], groups,
-                    LoopSettings(epochs=probe_hp["epochs"], batch_size=probe_hp["batch_size"],
-                                 warmup_epochs=cfg.warmup_epochs, patience=probe_hp["patience"], num_workers=0,
-                                 phase="head" if strat.uses_cached_features else "head-init", progress=False,
-                                 checkpoint=run_dir / CHECKPOINT_DIR / "head.pt", checkpoint_every=10.0,
-                                 **base_settings),
-                    log=log)
-        head = head.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
-        if net is not None:
-            net.head = head
+            log(f"features: {tuple(feats.shape)} from cache in {time.perf_counter() - t0:.1f}s")
+            return backbone, Features(feats, True, time.perf_counter() - t0)
+        backbone = replace(backbone, net=_build_net(cfg), seconds=backbone.seconds + time.perf_counter() - t0)
+    net = backbone.net
+    net.to(plan.device).to(memory_format=torch.channels_last)
+    known = backbone.card.fingerprint if backbone.card is not None else None  # a card: neither rehashed nor rewritten
+    model_key = known or fingerprint(net)
+    feats, cached = cached_features(net, model_key, data.decoded.pixels, hashes, backbone.preprocessing, plan.device,
+                                    dtype, progress)
+    if known is None and dist.is_main():
+        save_card(backbone.card_key, net, model_key)
+    seconds = time.perf_counter() - t0
+    log(f"features: {tuple(feats.shape)} {'from cache' if cached else 'computed'} in {seconds:.1f}s")
+    return replace(backbone, card=None), Features(feats, cached, seconds)
+
+
+def plan_training(cfg: TrainConfig, backbone: Backbone, data: PreparedData, features: Features, plan: Plan,
+                  log: Callable[[str], None]) -> Plan:
+    """The strategy (auto: chosen from the training split's features) and its effective hyper-parameters."""
+    from .strategies import choose_strategy, get_strategy
+
+    train = data.splits.train
+    evidence = None
+    if cfg.strategy == "auto":
+        pretrained = backbone.net.pretrained_head.linear() if backbone.net.pretrained_head is not None else None
+        choice = choose_strategy(features.values[train], data.y[train], pretrained, stage_seed(cfg.seed, "auto"))
+        strategy, reason, evidence = get_strategy(choice.strategy), choice.reason, choice.evidence
+        log(reason)
+    else:
+        strategy = get_strategy(cfg.strategy)
+        reason = f"{strategy.name}, as requested"
+    hp = strategy.resolve(cfg, len(train))
+    if not strategy.uses_cached_features:
+        net, pp = backbone.net, backbone.preprocessing
+        hp["train_image_size"] = cfg.train_image_size or (_round_to(pp.input_size * 0.8, 16) if net.flexible_input_size
+                                                          else pp.input_size)
+    return replace(plan, strategy=strategy, hp=hp, reason=reason, evidence=evidence)
+
+
+def train_model(cfg: TrainConfig, plan: Plan, backbone: Backbone, data: PreparedData, features: Features,
+                run_dir: Path, progress: bool, log: Callable[[str], None]) -> Trained:
+    """Fit the head on the frozen features (the whole training of frozen strategies, the start of the others),
+    then fine-tune the backbone when the strategy unfreezes it."""
+    strategy, t0 = plan.strategy, time.perf_counter()
+    num_features = backbone.net.num_features if backbone.net is not None else backbone.card.num_features
+    head = _new_head(cfg, num_features, data.labels, strategy.head_hidden, backbone.net)
+    history: list[dict[str, Any]] = []
+    probe = fitted = None
+    if features.values is not None:
+        head, probe = _fit_head(cfg, plan, head, features, data, run_dir, log)
         history += probe.as_rows()
-        log(f"head on frozen features: val accuracy {probe.best_val_accuracy:.3f} (epoch {probe.best_epoch})")
-
-    trained = None
-    if not strat.uses_cached_features:
+    net = backbone.net
+    if net is not None:
+        net.set_head(net.task, head, strategy.head_hidden, data.labels)
+    if not strategy.uses_cached_features:
         if cfg.head_init == "random":
-            net.reset_classifier(len(classes), strat.head_hidden)
-        workers = cfg.num_workers if cfg.num_workers is not None else default_workers()
-        train_size = cfg.train_image_size or (_round_to(pp.input_size * 0.8, 16) if net.flexible_input_size else None)
-        hp["train_image_size"] = train_size or pp.input_size
-        train_ds = PixelDataset(decoded.pixels, splits.train, y[splits.train].tolist(),
-                                train_transform(pp, hp["augment"], train_size))
-        val_ds = PixelDataset(decoded.pixels, splits.val, y[splits.val].tolist(), eval_transform(pp))
-        module = strat.wrap(net, hp)
-        groups = strat.param_groups(module, hp)
-        strat.apply(module, 0, hp["epochs"])
-        torch.manual_seed(cfg.seed)
-        trained = fit(module, train_ds, val_ds, groups,
-                      LoopSettings(epochs=hp["epochs"], batch_size=hp["batch_size"], warmup_epochs=cfg.warmup_epochs,
-                                   patience=hp["patience"], num_workers=workers, phase="fine-tune", progress=progress,
-                                   checkpoint=run_dir / CHECKPOINT_DIR / "fine-tune.pt", **base_settings),
-                      on_epoch_start=lambda e: strat.apply(module, e, hp["epochs"]), after_train_mode=lambda m: set_norms_eval(m, not cfg.train_bn_stats),
-                      log=log)
-        history += trained.as_rows()
-        if module is not net:  # LoRA: keep the adapter (with its head) as peft saves it, then merge for inference
-            _save_adapter(run_dir, module)
-            net = strat.unwrap(module)
+            net.set_head(net.task, _new_head(cfg, num_features, data.labels, strategy.head_hidden, None, "head-random"),
+                         strategy.head_hidden, data.labels)
+        net, fitted = _fine_tune(cfg, plan, net, data, run_dir, progress, log)
+        history += fitted.as_rows()
         head = net.head
-    train_seconds = time.perf_counter() - t_train
-
-    # Test: the way `affinage eval` evaluates the saved run: frozen backbones through the head on the cached
-    # features, others through the whole model.
     head.eval()
     for p in head.parameters():
         p.requires_grad_(False)
@@ -373,67 +352,220 @@ def _finetune(cfg: TrainConfig, out: str | os.PathLike[str] | None, progress: bo
         net = net.cpu().eval()
         for p in net.parameters():
             p.requires_grad_(False)
-        _save_model(run_dir, net.state_dict(), net.spec, net.head_hidden, net.preprocessing, classes,
-                    precision.inference, strat.name)
-    else:
-        _save_model(run_dir, card.state_dict(head), card.spec, strat.head_hidden, card.preprocessing, classes,
-                    precision.inference, strat.name)
-    run = Run.load(run_dir)
-    run._model = net  # None for a card-only run: loaded from the run directory when first used
-    t0 = time.perf_counter()
-    if strat.uses_cached_features:
-        with torch.no_grad():
-            test_logits = head(feats[splits.test]).numpy()
-    else:
-        test_logits = run.split_logits(decoded, splits.test, progress=progress)
-    eval_seconds = time.perf_counter() - t0
-    test = classification_metrics(test_logits, y[splits.test], classes)
-    _write_predictions(run_dir / "test_predictions.csv", samples, splits.test, test_logits, classes)
+    return Trained(net, head, history, probe, fitted, time.perf_counter() - t0)
 
-    trainable = sum(p.numel() for p in head.parameters())
-    if trained is not None:
-        trainable = max(r["trainable_params"] for r in trained.as_rows())
-    metrics = {
-        "strategy": strat.name,
-        "strategy_reason": reason,
-        **({"strategy_evidence": auto_evidence} if auto else {}),
-        "test": test,
-        "val": {"accuracy": max((r["val_accuracy"] for r in history), default=None)},
-        "diverged": trained.diverged if trained is not None else probe.diverged,  # NaN/inf loss: why training stopped
-        "hyperparameters": {k: v for k, v in hp.items()},
-        "data": {"source": images.description, "classes": classes, "split": splits.how,
-                 "counts": {name: class_counts(samples, idx) for name, idx in splits.items()},
-                 "skipped": len(decoded.skipped)},
-        "model": {**(net.describe() if net is not None else card.describe(trainable)), "trainable_params": trainable,
-                  "inference_precision": precision.inference},
-        "timing": {"wall_seconds": time.perf_counter() - t_start, "model_load_seconds": model_seconds,
-                   "decode_seconds": decode_seconds, "decode_cache_hit": decoded.cache_hit,
-                   "feature_seconds": feature_seconds, "features_cached": features_cached,
-                   "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-                   "eval_samples_per_second": len(splits.test) / max(eval_seconds, 1e-9),
-                   "train_samples_per_second": _throughput(trained or probe),
-                   "peak_memory_mb": peak_memory_mb(device)},
-        "environment": environment(device),
-    }
-    metrics["calibration"] = calibration(test_logits, y[splits.test])
-    if any(s.group is not None for s in samples):
-        metrics["groups"] = group_metrics(test_logits, y[splits.test],
-                                          [samples[i].group or "(none)" for i in splits.test], classes)
-    metrics["leaks"] = leak_info
-    metrics["targets"] = check_targets(parse_targets(cfg.targets, classes), test)
-    metrics["diagnosis"] = diagnose(history, test, classes, leaks=0 if leak_info["dropped"] else leak_info["pairs"])
-    metrics["footprint"] = footprint.stop()
-    write_json(run_dir / "history.json", history)
-    _write_history_csv(run_dir / "history.csv", history)
-    write_json(run_dir / "metrics.json", metrics)
-    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # the run is complete: model/ and history.json suffice
-    run.metrics = metrics
-    log(f"test accuracy {test['accuracy']:.4f} (macro F1 {test['macro_f1']:.4f}, n={test['n']}) "
-        f"in {metrics['timing']['wall_seconds']:.1f}s -> {run_dir}")
-    for line in _trust_lines(metrics) + [format_result(r) for r in metrics["targets"]] + format_findings(metrics["diagnosis"]):
-        log(line)
-    _write_report(run_dir, log)
+
+def evaluate_model(plan: Plan, trained: Trained, data: PreparedData, features: Features,
+                   progress: bool) -> Evaluation:
+    """Test logits and metrics, computed once over the whole test split, the way `affinage eval` re-evaluates the
+    saved run: frozen backbones through the head on the cached features, others through the whole model."""
+    import torch
+
+    from .evaluate import classification_metrics
+    from .inference import run_batches
+
+    t0, test = time.perf_counter(), data.splits.test
+    if plan.strategy.uses_cached_features:
+        with torch.no_grad():
+            logits = trained.head(features.values[test]).numpy()
+    else:
+        model = trained.net.to(plan.device).to(memory_format=torch.channels_last)
+        logits = run_batches(model, data.decoded.pixels, test, trained.net.preprocessing, plan.device,
+                             plan.precision.inference_dtype, progress=progress).numpy()
+        trained.net.cpu()
+    metrics = classification_metrics(logits, data.y[test], list(data.labels.classes))
+    return Evaluation(logits, metrics, time.perf_counter() - t0)
+
+
+def write_run(run_dir: Path, cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data: PreparedData,
+              features: Features, plan: Plan, trained: Trained, evaluation: Evaluation, footprint: Any,
+              started: float, log: Callable[[str], None]) -> Run:
+    """model/, test_predictions.csv, metrics.json, history, report.html (main process only); the finished Run."""
+    from .diagnosis import format_findings
+    from .evaluate import softmax
+    from .targets import format_result
+
+    if dist.is_main():
+        _write_model(run_dir, plan, backbone, trained, data.labels)
+        test = data.splits.test
+        samples, hashes = data.decoded.samples, data.decoded.hashes
+        write_predictions(run_dir / "test_predictions.csv", [samples[i].key for i in test], [hashes[i] for i in test],
+                          [samples[i].label for i in test], softmax(evaluation.logits), list(data.labels.classes))
+        metrics = _metrics(cfg, images, backbone, data, features, plan, trained, evaluation, started)
+        metrics["footprint"] = footprint.stop()
+        write_history(run_dir, trained.history)
+        write_metrics(run_dir, metrics)
+        remove_checkpoints(run_dir)
+        test_block = metrics["test"]
+        log(f"test accuracy {test_block['accuracy']:.4f} (macro F1 {test_block['macro_f1']:.4f}, n={test_block['n']}) "
+            f"in {metrics['timing']['wall_seconds']:.1f}s -> {run_dir}")
+        for line in (_trust_lines(metrics) + [format_result(r) for r in metrics["targets"]]
+                     + format_findings(metrics["diagnosis"])):
+            log(line)
+        _write_report(run_dir, log)
+    dist.barrier()  # the other processes return once the run directory is complete
+    run = Run.load(run_dir)
+    run._model = trained.net  # None for a card-only run: loaded from the run directory when first used
     return run
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the stages
+# ----------------------------------------------------------------------------------------------
+def _on_main(make: Callable[[], Path]) -> Path:
+    """`make()` on the main process; its result, or its AffinageError, on every process."""
+    if dist.world_size() == 1:
+        return make()
+    outcome: tuple[str, Any, Any] = ("ok", None, None)
+    if dist.is_main():
+        try:
+            outcome = ("ok", str(make()), None)
+        except AffinageError as exc:
+            outcome = ("error", exc.problem, exc.fix)
+    kind, value, fix = dist.broadcast_object(outcome)
+    if kind == "error":
+        raise AffinageError(value, fix)
+    return Path(value)
+
+
+def _new_head(cfg: TrainConfig, num_features: int, labels: LabelSpace, hidden: int | None, net: Any,
+              stage: str = "head") -> Any:
+    """A fresh head for the task, seeded for its own stage; a starting run's head when its label space is the same
+    (a run continued on the same classes keeps what it learned)."""
+    from .backbones import make_head
+
+    with seeded(cfg.seed, stage):
+        head = make_head(num_features, len(labels), hidden)
+    start = getattr(net, "pretrained_head", None) if net is not None else None
+    if start is not None and start.labels.classes == labels.classes and start.hidden == hidden:
+        head.load_state_dict(start.layer.state_dict())
+    return head
+
+
+def _fit_head(cfg: TrainConfig, plan: Plan, head: Any, features: Features, data: PreparedData, run_dir: Path,
+              log: Callable[[str], None]) -> tuple[Any, Any]:
+    """Train the head on the cached features (the whole training of linear-probe/head; the LP of LP-FT otherwise)."""
+    import torch
+
+    from .strategies import decay_groups, get_strategy
+    from .train import LoopSettings, fit
+
+    strategy = plan.strategy
+    hp = plan.hp if strategy.uses_cached_features else get_strategy("linear-probe").resolve(
+        TrainConfig(data=cfg.data, seed=cfg.seed))
+    feats, y = features.values, torch.as_tensor(data.y)
+    tensors = {name: torch.utils.data.TensorDataset(feats[idx], y[idx]) for name, idx in data.splits.items()}
+    groups = decay_groups("head", list(head.named_parameters()), hp["lr"], hp["weight_decay"])
+    phase = "head" if strategy.uses_cached_features else "head-init"
+    result = fit(head, tensors["train"], tensors["val"], groups,
+                 LoopSettings(epochs=hp["epochs"], batch_size=hp["batch_size"], warmup_epochs=cfg.warmup_epochs,
+                              patience=hp["patience"], num_workers=0, phase=phase, progress=False,
+                              checkpoint=run_dir / CHECKPOINT_DIR / "head.pt", checkpoint_every=10.0,
+                              distributed=False, **_loop_settings(cfg, plan, data, phase)),
+                 log=log)
+    head = head.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
+    log(f"head on frozen features: val accuracy {result.best_val_accuracy:.3f} (epoch {result.best_epoch})")
+    return head, result
+
+
+def _fine_tune(cfg: TrainConfig, plan: Plan, net: Any, data: PreparedData, run_dir: Path, progress: bool,
+               log: Callable[[str], None]) -> tuple[Any, Any]:
+    """Train the blocks the strategy unfreezes (and the head) on augmented images; LoRA merges its adapters."""
+    from .data import PixelDataset, eval_transform, train_transform
+    from .strategies import set_norms_eval
+    from .train import LoopSettings, default_workers, fit
+
+    strategy, hp, pp, splits, y = plan.strategy, plan.hp, net.preprocessing, data.splits, data.y
+    workers = cfg.num_workers if cfg.num_workers is not None else default_workers()
+    train_size = hp["train_image_size"] if hp["train_image_size"] != pp.input_size else None
+    train_ds = PixelDataset(data.decoded.pixels, splits.train, y[splits.train].tolist(),
+                            train_transform(pp, hp["augment"], train_size))
+    val_ds = PixelDataset(data.decoded.pixels, splits.val, y[splits.val].tolist(), eval_transform(pp))
+    module = strategy.wrap(net, hp)
+    groups = strategy.param_groups(module, hp)
+    strategy.apply(module, 0, hp["epochs"])
+    result = fit(module, train_ds, val_ds, groups,
+                 LoopSettings(epochs=hp["epochs"], batch_size=hp["batch_size"], warmup_epochs=cfg.warmup_epochs,
+                              patience=hp["patience"], num_workers=workers, phase="fine-tune", progress=progress,
+                              checkpoint=run_dir / CHECKPOINT_DIR / "fine-tune.pt",
+                              **_loop_settings(cfg, plan, data, "fine-tune")),
+                 on_epoch_start=lambda e: strategy.apply(module, e, hp["epochs"]),
+                 after_train_mode=lambda m: set_norms_eval(m, not cfg.train_bn_stats), log=log)
+    if module is not net:  # LoRA: keep the adapter (with its head) as peft saves it, then merge for inference
+        if dist.is_main():
+            save_adapter(run_dir, module)
+        net = strategy.unwrap(module)
+    return net, result
+
+
+def _loop_settings(cfg: TrainConfig, plan: Plan, data: PreparedData, phase: str) -> dict[str, Any]:
+    return dict(label_smoothing=cfg.label_smoothing, seed=stage_seed(cfg.seed, phase), precision=plan.precision,
+                grad_accum=cfg.grad_accum, checkpoint_key=data.key)
+
+
+def _write_model(run_dir: Path, plan: Plan, backbone: Backbone, trained: Trained, labels: LabelSpace) -> None:
+    from .labels import DEFAULT_TASK
+
+    strategy, hidden = plan.strategy, plan.strategy.head_hidden
+    if trained.net is not None:
+        net = trained.net
+        state, spec, pp, task = net.state_dict(), net.spec, net.preprocessing, net.task
+    else:
+        card = backbone.card
+        state, spec, pp, task = card.state_dict(trained.head, DEFAULT_TASK), card.spec, card.preprocessing, DEFAULT_TASK
+    info = ModelInfo(spec.to_dict(), pp, {task: HeadInfo(labels, hidden)}, strategy.name, plan.precision.inference,
+                     "features" if strategy.uses_cached_features else "pixels", task)
+    write_model(run_dir, state, info)
+
+
+def _metrics(cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data: PreparedData, features: Features,
+             plan: Plan, trained: Trained, evaluation: Evaluation, started: float) -> dict[str, Any]:
+    """metrics.json's content (runfiles.METRICS_SCHEMA), the footprint added by the caller."""
+    from .diagnosis import diagnose
+    from .evaluate import calibration, group_metrics
+    from .targets import check_targets
+
+    samples, splits, test_y = data.decoded.samples, data.splits, data.y[data.splits.test]
+    classes = list(data.labels.classes)
+    trainable = sum(p.numel() for p in trained.head.parameters())
+    if trained.fine_tune is not None:
+        trainable = max(r["trainable_params"] for r in trained.fine_tune.as_rows())
+    last = trained.fine_tune or trained.probe
+    kept = max(trained.history, key=lambda r: (r["val_accuracy"], -r["val_loss"]), default=None)
+    net = trained.net
+    metrics: dict[str, Any] = {
+        "strategy": plan.strategy.name, "strategy_reason": plan.reason,
+        **({"strategy_evidence": plan.evidence} if plan.evidence is not None else {}),
+        "task": data.labels.task,
+        "test": evaluation.test,
+        "val": {"accuracy": kept["val_accuracy"] if kept else None, "kept_phase": kept["phase"] if kept else None,
+                "kept_epoch": (last.best_epoch if last is not None else None)},
+        "diverged": last.diverged if last is not None else None,  # NaN/inf loss: why training stopped
+        "hyperparameters": dict(plan.hp),
+        "data": {"source": images.description, "classes": classes, "label_source": data.labels.source,
+                 "split": splits.how, "counts": {name: class_counts(samples, idx) for name, idx in splits.items()},
+                 "skipped": len(data.decoded.skipped)},
+        "model": {**(net.describe() if net is not None else backbone.card.describe(trainable)),
+                  "trainable_params": trainable, "inference_precision": plan.precision.inference},
+        "timing": {"wall_seconds": time.perf_counter() - started, "model_load_seconds": backbone.seconds,
+                   "decode_seconds": data.seconds, "decode_cache_hit": data.decoded.cache_hit,
+                   "decoded_images": data.decoded.decoded_count, "hashed_files": data.decoded.hashed_count,
+                   "feature_seconds": features.seconds, "features_cached": features.cached,
+                   "train_seconds": trained.seconds, "eval_seconds": evaluation.seconds,
+                   "eval_samples_per_second": len(splits.test) / max(evaluation.seconds, 1e-9),
+                   "train_samples_per_second": _throughput(last), "peak_memory_mb": peak_memory_mb(plan.device)},
+        "environment": environment(plan.device),
+        "distributed": {"world_size": dist.world_size()},
+        "calibration": calibration(evaluation.logits, test_y),
+    }
+    if any(s.group is not None for s in samples):
+        metrics["groups"] = group_metrics(evaluation.logits, test_y, [samples[i].group or "(none)" for i in splits.test],
+                                          classes)
+    metrics["leaks"] = data.leaks
+    metrics["targets"] = check_targets(data.targets, evaluation.test)
+    metrics["diagnosis"] = diagnose(trained.history, evaluation.test, classes,
+                                    leaks=0 if data.leaks["dropped"] else data.leaks["pairs"])
+    return metrics
 
 
 def _throughput(result: Any) -> float | None:
@@ -455,8 +587,8 @@ def peak_memory_mb(device: Any) -> float:
 
 
 def _leak_check(run_dir: Path, decoded: DecodedImages, splits: Splits, drop: bool, pp: Preprocessing,
-                log: Callable[[str], None]) -> tuple[Splits, dict[str, Any]]:
-    """Find duplicates across splits (leaks.csv), and with `drop` remove them from val/test."""
+                log: Callable[[str], None]) -> tuple[Splits, dict[str, Any], list[int]]:
+    """Find duplicates across splits (leaks.csv), and with `drop` remove them from val/test (returned)."""
     from .leaks import (
         NEAR_DUPLICATE_BITS,
         cached_perceptual_hashes,
@@ -467,9 +599,11 @@ def _leak_check(run_dir: Path, decoded: DecodedImages, splits: Splits, drop: boo
         write_leaks,
     )
 
-    codes = cached_perceptual_hashes(decoded.pixels, decoded.hashes, json.dumps(pp.to_dict(), sort_keys=True))
+    with dist.main_first():  # the hashes are cached: computed once, by the main process
+        codes = cached_perceptual_hashes(decoded.pixels, decoded.hashes, json.dumps(pp.to_dict(), sort_keys=True))
     leaks = find_leaks(decoded.pixels, decoded.hashes, splits, codes=codes)
-    write_leaks(run_dir / "leaks.csv", leaks, decoded.samples)
+    if dist.is_main():
+        write_leaks(run_dir / "leaks.csv", leaks, decoded.samples)
     dropped: list[int] = []
     if leaks and drop:
         splits, dropped = drop_leaked(splits, leaks)
@@ -480,7 +614,7 @@ def _leak_check(run_dir: Path, decoded: DecodedImages, splits: Splits, drop: boo
         then = (f"dropped {len(dropped)} val/test image(s) (--drop-leaks)" if dropped else
                 "--drop-leaks removes them from val/test")
         log(f"{summary(leaks, decoded.samples)}; pairs in {run_dir / 'leaks.csv'}; {then}")
-    return splits, info
+    return splits, info, dropped
 
 
 def _trust_lines(metrics: dict[str, Any]) -> list[str]:
@@ -498,83 +632,28 @@ def _trust_lines(metrics: dict[str, Any]) -> list[str]:
 
 
 def _write_report(run_dir: Path, log: Callable[[str], None]) -> None:
-    """report.html; a failure here must not lose a finished run, so it is reported, not raised."""
+    """report.html, written last: when it fails the run is complete all the same, and the error says so."""
     from .report import write_report
 
     try:
         log(f"report: {write_report(run_dir)}")
-    except Exception as exc:  # noqa: BLE001 - matplotlib/font problems: the run itself is complete
-        log(f"report.html could not be written ({type(exc).__name__}: {exc}); retry with `affinage report {run_dir}`")
+    except AffinageError:
+        raise
+    except Exception as exc:  # matplotlib/font problems: the run itself is complete, the user must still know
+        raise AffinageError(f"the run in '{run_dir}' is complete, but report.html could not be written "
+                            f"({type(exc).__name__}: {exc})", f"retry with `affinage report {run_dir}`") from exc
 
 
 def _round_to(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
 
-def _check_split_classes(samples: Sequence[Sample], splits: Splits, classes: list[str]) -> None:
+def _check_split_classes(samples: Sequence[Sample], splits: Splits, labels: LabelSpace) -> None:
     for name, idx in splits.items():
-        unknown = sorted({samples[i].label for i in idx} - set(classes))
+        unknown = sorted({samples[i].label for i in idx} - set(labels.classes))
         if unknown:
             raise AffinageError(f"class '{unknown[0]}' appears in the {name} split but not in train",
                                 "give every class some training images")
-
-
-def _save_adapter(run_dir: Path, module: Any) -> None:
-    """peft's own adapter folder (adapter_config.json + adapter_model.safetensors, head included), written to a
-    temporary folder and renamed into place."""
-    import tempfile
-
-    target = run_dir / MODEL_DIR / "adapter"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent))
-    try:
-        module.save_pretrained(str(tmp))
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _save_model(run_dir: Path, state: dict[str, Any], spec: Any, head_hidden: int | None, preprocessing: Preprocessing,
-                classes: list[str], inference: str, strategy: str) -> None:
-    """model/: the whole model's state dict (safetensors) and what rebuilds it (model.json)."""
-    from safetensors.torch import save_file
-
-    from .storage import atomic_path
-
-    folder = run_dir / MODEL_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    with atomic_path(folder / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "producer": "affinage"})
-    write_json(folder / "model.json", {
-        "classes": classes, "id2label": {str(i): c for i, c in enumerate(classes)},
-        "backbone": spec.to_dict(), "head_hidden": head_hidden,
-        "preprocessing": preprocessing.to_dict(), "inference": inference, "strategy": strategy})
-
-
-def _write_predictions(path: Path, samples: Sequence[Sample], idx: list[int], logits: np.ndarray,
-                       classes: list[str]) -> None:
-    from .evaluate import softmax
-    from .storage import atomic_path
-
-    probs = softmax(logits)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label", "predicted", "probability"])
-        for i, row in zip(idx, probs):
-            j = int(row.argmax())
-            w.writerow([samples[i].key, samples[i].label, classes[j], f"{row[j]:.6f}"])
-
-
-def _write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    from .storage import atomic_path
-
-    if not history:
-        return
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
 
 
 def environment(device: Any) -> dict[str, Any]:
@@ -616,8 +695,7 @@ def evaluate_run(path: str | os.PathLike[str], progress: bool = True) -> dict[st
     cfg = TrainConfig.from_dict(run.config)
     images = load_source(cfg.data, cfg.group_by)
     decoded = decode_all(images, run.preprocessing, progress=progress)
-    splits = read_split_lists(run.path / "splits", decoded.samples)
-    label_of = {c: k for k, c in enumerate(run.classes)}
-    y = np.array([label_of[decoded.samples[i].label] for i in splits.test])
-    logits = run.split_logits(decoded, splits.test, progress=progress)
+    splits = read_split_lists(run.path / "splits", decoded.samples, decoded.hashes, complete=False)
+    y = np.array(run.labels.indices(decoded.samples[i].label for i in splits.test))
+    logits = run.split_logits(decoded.pixels, decoded.hashes, splits.test, progress=progress)
     return classification_metrics(logits, y, run.classes)

@@ -19,7 +19,7 @@ from .predict import held_out_photos, top_labels
 if TYPE_CHECKING:
     import gradio as gr
 
-    from .run import Run
+    from .saved import Run
 
 DEFAULT_PORT = 7860
 DEFAULT_MAX_UPLOAD_MB = 20.0  # a phone photo is 2-8 MB; larger uploads are refused before decoding
@@ -92,9 +92,8 @@ class BatchingModel:
 
 def model_facts(run: Run) -> str:
     """One Markdown line: backbone, strategy, test accuracy, classes, input size."""
-    from .storage import read_json
 
-    info = read_json(run.path / "model" / "model.json")
+    info = run.info.to_dict()
     backbone = run.metrics.get("model", {}).get("backbone") or info["backbone"]["origin"]
     parts = [f"backbone **{backbone}**", f"strategy **{run.strategy}**"]
     test = run.metrics.get("test") or {}
@@ -108,7 +107,7 @@ def build_app(run: Run | str | os.PathLike[str], top_k: int = 5, max_upload_mb: 
               concurrency: int = DEFAULT_CONCURRENCY) -> gr.Blocks:
     """The Gradio page and its `/predict` endpoint for a run (launch it with `serve`, or `.launch()` in tests)."""
     gr = _import_gradio()
-    from .run import Run
+    from .saved import Run
 
     if not isinstance(run, Run):
         run = Run.load(run)
@@ -173,7 +172,7 @@ def serve(run_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 
           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, concurrency: int = DEFAULT_CONCURRENCY,
           prevent_thread_lock: bool = False) -> gr.Blocks:
     """Serve a run directory at http://host:port (blocks until interrupted unless `prevent_thread_lock`)."""
-    from .run import Run
+    from .saved import Run
 
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")  # Gradio checks its own URL over HTTP
     run = Run.load(run_dir)

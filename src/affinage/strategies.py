@@ -54,7 +54,7 @@ class Strategy:
                 "weight_decay": self.defaults.weight_decay if cfg.weight_decay is None else cfg.weight_decay,
                 "layer_decay": cfg.layer_decay or self.defaults.layer_decay,
                 "lr_min": cfg.lr_min if cfg.lr_min is not None else self.defaults.lr_min,
-                "patience": cfg.patience or self.defaults.patience,
+                "patience": self.defaults.patience if cfg.patience is None else cfg.patience,
                 "batch_size": batch_size,
                 **self.extra_hyperparameters(cfg)}
 
@@ -160,7 +160,7 @@ class Lora(Strategy):
             raise AffinageError(f"no layer of {model.spec.origin} can take a LoRA adapter (no Linear or Conv2d layers)",
                                 "use --strategy partial:N or full for this backbone")
         config = LoraConfig(r=int(hp["lora_rank"]), lora_alpha=float(hp["lora_alpha"]), lora_dropout=0.0, bias="none",
-                            target_modules=targets, modules_to_save=["head"])
+                            target_modules=targets, modules_to_save=[f"heads.{model.task}"])
         return get_peft_model(model, config)
 
     def unwrap(self, module: nn.Module) -> ImageClassifier:
@@ -180,13 +180,11 @@ def lora_targets(model: ImageClassifier) -> list[str]:
     """Module names (relative to the ImageClassifier) LoRA can adapt: Linear layers, and ungrouped Conv2d layers
     whose padding is static (timm's Conv2dSame pads in forward, which a LoRA conv would not reproduce).
 
-    peft matches `modules_to_save=["head"]` by name suffix, so a backbone layer whose name ends in "head"
-    (EfficientNet's `conv_head`) is trained and saved whole with the classifier instead of getting an adapter:
-    that keeps the adapter folder loadable by plain `PeftModel.from_pretrained`."""
+    The task's head is trained and saved whole (peft's `modules_to_save=["heads.<task>"]`, matched by name
+    suffix: no backbone layer ends in "heads.<task>"), which keeps the adapter folder loadable by plain
+    `PeftModel.from_pretrained`."""
     names = []
     for name, module in model.backbone.named_modules():
-        if name.endswith("head"):
-            continue
         if isinstance(module, nn.Linear):
             names.append(f"backbone.{name}")
         elif type(module) is nn.Conv2d and module.groups == 1 and isinstance(module.padding, tuple):

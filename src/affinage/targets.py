@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import AffinageError
+from .evaluate import TOP5_MIN_CLASSES
 
 # Figures of metrics.json["test"] a target can name; per-class ones take a class in brackets.
 OVERALL_METRICS = ("accuracy", "loss", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "specificity")
@@ -36,6 +37,9 @@ class Target:
 
     def value(self, test: dict[str, Any]) -> float:
         if self.cls is None:
+            if self.metric not in test:  # parse_targets with the classes refuses these before training
+                raise AffinageError(f"target '{self.expr}': the test metrics have no {self.metric}",
+                                    "check the target with parse_targets(exprs, classes) before training")
             return float(test[self.metric])
         return float(test["per_class"][self.cls][self.metric])
 
@@ -81,9 +85,10 @@ def parse_targets(exprs: Iterable[str], classes: Sequence[str] | None = None) ->
             if t.cls is not None and t.cls not in classes:
                 raise AffinageError(f"class '{t.cls}' in target '{t.expr}' is not a class of this data",
                                     f"classes: {', '.join(classes)}")
-            if t.metric == "top5_accuracy" and len(classes) < 5:
-                raise AffinageError(f"target '{t.expr}' needs top-5 accuracy, which needs at least 5 classes "
-                                    f"(this data has {len(classes)})", "use accuracy instead")
+            if t.metric == "top5_accuracy" and len(classes) <= TOP5_MIN_CLASSES:
+                raise AffinageError(f"target '{t.expr}' needs top-5 accuracy, which is only measured with more than "
+                                    f"{TOP5_MIN_CLASSES} classes (this data has {len(classes)}: every image's class "
+                                    "is among the top 5, so it would always be 1.0)", "use accuracy instead")
     return targets
 
 

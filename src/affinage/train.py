@@ -1,5 +1,5 @@
-"""Training stage: one short loop on Accelerate (device placement, mixed precision, accumulation,
-multi-GPU through `accelerate launch`), plus batched inference for features and logits."""
+"""Training stage: one short loop on Accelerate (device placement, mixed precision, accumulation, several
+processes through `torchrun` or `accelerate launch`). Batched inference lives in `inference`."""
 from __future__ import annotations
 
 import contextlib
@@ -17,125 +17,32 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import PixelDataset, Preprocessing, eval_transform
+from . import distributed
 from .errors import AffinageError
-from .storage import atomic_path, cache_dir, digest
+from .inference import (  # noqa: F401 - re-exported: inference lived here before it had its own module
+    Precision,
+    autocast,
+    cached_features,
+    cpu_has_fast_bf16,
+    default_device,
+    feature_cache_path,
+    load_cached_features,
+    resolve_precision,
+    run_batches,
+    to_device,
+)
+from .storage import atomic_path
 
 
 # ----------------------------------------------------------------------------------------------
-# Devices, precision, seeds
+# Seeds
 # ----------------------------------------------------------------------------------------------
-def cpu_has_fast_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Mixed precision for training (Accelerate's names) and the autocast dtype used for inference."""
-
-    train: str  # "no" | "bf16" | "fp16"
-    inference: str  # "fp32" | "bf16" | "fp16"
-
-    @property
-    def inference_dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.inference)
-
-
-def resolve_precision(choice: str, device: torch.device) -> Precision:
-    """auto: bf16/fp16 on GPUs; on CPUs fp32 training (faster there than bf16 backward) and bf16 inference
-    where the CPU has AVX512-BF16/AMX (5x faster forward than fp32)."""
-    if choice == "fp32":
-        return Precision("no", "fp32")
-    if device.type == "cuda":
-        half = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        chosen = half if choice == "auto" else choice
-        return Precision(chosen, chosen)
-    if choice == "auto":
-        return Precision("no", "bf16" if cpu_has_fast_bf16() else "fp32")
-    return Precision("no", "bf16") if choice in ("bf16", "fp16") else Precision("no", "fp32")
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-@contextlib.contextmanager
-def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
-    if dtype is None:
-        yield
-    else:
-        with torch.autocast(device.type, dtype=dtype):
-            yield
-
-
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-
-# ----------------------------------------------------------------------------------------------
-# Inference
-# ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def run_batches(fn: Callable[[torch.Tensor], torch.Tensor], pixels: np.ndarray, indices: list[int], pp: Preprocessing,
-                device: torch.device, dtype: torch.dtype | None, batch_size: int | None = None, desc: str = "",
-                progress: bool = True) -> torch.Tensor:
-    """Apply `fn` to the eval-transformed images at `indices`, batch by batch; float32 CPU output."""
-    dataset = PixelDataset(pixels, indices, [0] * len(indices), eval_transform(pp))
-    batch_size = batch_size or (64 if device.type == "cuda" else 16)  # small batches stay in CPU cache: faster
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    outs = []
-    from tqdm.auto import tqdm
-
-    for x, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress, mininterval=1.0):
-        with autocast(device, dtype):
-            outs.append(fn(_to_device(x, device)).float().cpu())
-    return torch.cat(outs) if outs else torch.empty(0)
-
-
-def feature_cache_path(model_key: str, dtype: torch.dtype | None, hashes: list[str]) -> Path:
-    """Where the features of these files (content hashes, in order) under this backbone and precision live."""
-    return cache_dir() / "features" / f"{digest('features-v1', model_key, str(dtype), *hashes)}.safetensors"
-
-
-def load_cached_features(model_key: str, dtype: torch.dtype | None, hashes: list[str]) -> torch.Tensor | None:
-    """The cached features, or None when they were never computed (or the file is unreadable)."""
-    from safetensors.torch import load_file
-
-    path = feature_cache_path(model_key, dtype, hashes)
-    try:
-        return load_file(str(path))["features"] if path.exists() else None
-    except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, never trusted
-        return None
-
-
-def cached_features(model: nn.Module, model_key: str, pixels: np.ndarray, hashes: list[str], pp: Preprocessing,
-                    device: torch.device, dtype: torch.dtype | None, progress: bool = True) -> tuple[torch.Tensor, bool]:
-    """Pooled backbone features for every row of `pixels`, computed once and cached on disk, keyed by
-    backbone weights + preprocessing + precision + file contents."""
-    from safetensors.torch import save_file
-
-    cached = load_cached_features(model_key, dtype, hashes)
-    if cached is not None:
-        return cached, True
-    path = feature_cache_path(model_key, dtype, hashes)
-    model.eval()
-    feats = run_batches(model.forward_features, pixels, list(range(len(hashes))), pp, device, dtype,  # type: ignore[operator]
-                        desc="extracting features", progress=progress)
-    with atomic_path(path) as tmp:
-        save_file({"features": feats.contiguous()}, str(tmp))
-    return feats, False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +103,10 @@ class LoopSettings:
     # at least this many seconds between mid-phase checkpoints (0: after every epoch). A head on cached features
     # runs 100 epochs of milliseconds each: rewriting its checkpoint every time would cost more than the epochs.
     checkpoint_every: float = 0.0
+    # with several processes: True trains one model together (DDP, each process takes its share of every batch);
+    # False trains the same model in every process on all the data (a head on cached features: its epochs take
+    # milliseconds, which communication would only slow down). One process: no difference.
+    distributed: bool = True
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -212,27 +123,100 @@ def seed_epoch(generator: torch.Generator, seed: int, epoch: int) -> None:
     seed_everything(epoch_seed)
 
 
-def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str, Any]], settings: LoopSettings,
-        on_epoch_start: Callable[[int], int] | None = None, after_train_mode: Callable[[nn.Module], None] | None = None,
-        log: Callable[[str], None] = print) -> FitResult:
-    """Train `module` with AdamW + warmup/cosine, evaluating on val each epoch; restores the best weights.
+def global_batch_size(batch_size: int, processes: int) -> int:
+    """The batch of one optimizer step over all processes, each taking an equal share of it: `batch_size` rounded
+    down to a multiple of the number of processes (at least one image per process)."""
+    return max(processes, batch_size // processes * processes)
 
-    Epoch 0 is the starting point (e.g. a head already fitted on features): fine-tuning never returns a
-    model worse on val than the one it started from. A NaN/inf loss stops training with a diagnosis and the
-    best weights before it. With `settings.checkpoint`, a run killed at any point resumes bit-identically (CPU).
-    """
+
+class _FrozenUnderDDP:
+    """Progressive unfreezing with a fixed set of parameters. DDP fixes the parameters it synchronises when it wraps
+    the model, so with several processes every parameter of the optimizer's groups requires grad from the start,
+    and those the strategy leaves frozen in an epoch (requires_grad=False after `on_epoch_start`) have their
+    gradients dropped before each optimizer step: AdamW then neither moves them nor builds state for them, exactly
+    what requires_grad=False does in one process (an lr of 0 would keep them still, but Adam's moments and step
+    count would grow during the frozen epochs and change their first steps once unfrozen). The cost: backward
+    runs through the frozen blocks too. Inactive (one process, or `distributed=False`): nothing changes."""
+
+    def __init__(self, groups: list[dict[str, Any]], active: bool):
+        self.active = active
+        self.params = [p for g in groups for p in g["params"]] if active else []
+        self.frozen: list[nn.Parameter] = []
+        self.read_strategy()
+
+    def read_strategy(self) -> None:
+        """Take the strategy's choice for this epoch from requires_grad, then let every parameter require grad."""
+        if self.active:
+            self.frozen = [p for p in self.params if not p.requires_grad]
+            for p in self.frozen:
+                p.requires_grad_(True)
+
+    def drop_frozen_grads(self) -> None:
+        for p in self.frozen:
+            p.grad = None
+
+    @contextlib.contextmanager
+    def as_strategy_set(self) -> Iterator[None]:
+        """requires_grad as the strategy set it, while a hook reads it (set_norms_eval: frozen BatchNorms stay in eval)."""
+        self.restore()
+        try:
+            yield
+        finally:
+            for p in self.frozen:
+                p.requires_grad_(True)
+
+    def restore(self) -> None:
+        for p in self.frozen:
+            p.requires_grad_(False)
+
+
+def _has_unused_parameters(module: nn.Module, data: Any, params: list[nn.Parameter]) -> bool:
+    """Whether a forward pass leaves some of `params` without a gradient (an HF pooler whose output is not used).
+    One image, in eval mode: no BatchNorm statistic moves; every epoch re-seeds the random streams, so the
+    augmentation drawn for it changes nothing."""
+    was_training = module.training
+    module.eval()
+    x = torch.as_tensor(data[0][0]).unsqueeze(0).to(next(module.parameters()).device)
+    try:
+        module(x).float().sum().backward()
+        return any(p.grad is None for p in params if p.requires_grad)
+    finally:
+        for p in module.parameters():
+            p.grad = None
+        module.train(was_training)
+
+
+def _loop_parts(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str, Any]],
+                settings: LoopSettings, processes: int) -> tuple[Any, ...]:
+    """The accelerator and the prepared model, optimizer, loaders and scheduler.
+
+    One process: as accelerate prepares them. Several, training together (`settings.distributed`): DDP, and every
+    batch of the configured (global) size is split between the processes (accelerate's split_batches), so that the
+    data order, the number of steps and the LR schedule are those of one process; a batch size that is not a
+    multiple of the number of processes is rounded down to one. Several, each alone: every process prepares its
+    loaders as one process would (no sharding, no DDP), and all train the same model on the same data."""
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
+    from accelerate.data_loader import prepare_data_loader
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
     device = default_device()
+    together = settings.distributed and processes > 1
+    options: dict[str, Any] = {}
+    if processes > 1:  # split_batches also makes accelerate's scheduler step once per step, not once per process
+        options["dataloader_config"] = DataLoaderConfiguration(split_batches=True)
+    if together and _has_unused_parameters(module, train_data, [p for g in groups for p in g["params"]]):
+        # DDP would stop at the second step, waiting for their gradients; so it looks for them at every step
+        options["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=settings.precision.train,
-                              gradient_accumulation_steps=settings.grad_accum)
+                              gradient_accumulation_steps=settings.grad_accum, **options)
+    batch_size = global_batch_size(settings.batch_size, processes) if together else settings.batch_size
+    val_batch = global_batch_size(max(64, settings.batch_size) + processes - 1, processes) if together else max(64, settings.batch_size)
     generator = torch.Generator()  # re-seeded at every epoch start (seed_epoch)
     # Workers are not persistent: started afresh each epoch, they take that epoch's seed (resumable augmentation).
     train_loader = torch.utils.data.DataLoader(
-        train_data, batch_size=settings.batch_size, shuffle=True, generator=generator, drop_last=len(train_data) > settings.batch_size,
+        train_data, batch_size=batch_size, shuffle=True, generator=generator, drop_last=len(train_data) > batch_size,
         num_workers=settings.num_workers, worker_init_fn=_seed_worker if settings.num_workers else None)
-    val_loader = torch.utils.data.DataLoader(val_data, batch_size=max(64, settings.batch_size), shuffle=False,
+    val_loader = torch.utils.data.DataLoader(val_data, batch_size=val_batch, shuffle=False,
                                              num_workers=settings.num_workers)
     if device.type == "cpu" or any(isinstance(m, nn.Conv2d) for m in module.modules()):
         module = module.to(memory_format=torch.channels_last)  # 2x faster convolutions on CPU
@@ -241,60 +225,175 @@ def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str
     total = steps_per_epoch * settings.epochs
     warmup = int(settings.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warmup))
-    module, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
-        module, optimizer, train_loader, val_loader, scheduler)
-    unwrapped = accelerator.unwrap_model(module)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
-    infer_dtype = settings.precision.inference_dtype
+    if processes == 1 or together:
+        module, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+            module, optimizer, train_loader, val_loader, scheduler)
+    else:
+        module = accelerator.prepare_model(module, evaluation_mode=True)  # mixed precision and device, no DDP
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        train_loader, val_loader = (prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0,
+                                                        put_on_device=True, rng_types=None)
+                                    for loader in (train_loader, val_loader))
+    return accelerator, module, optimizer, train_loader, val_loader, scheduler, generator, batch_size
 
-    def validate() -> tuple[float, float]:
-        module.eval()
+
+@dataclass
+class _Loop:
+    """The prepared pieces of one `fit` call (see `_loop_parts`) and its progress: what validation, an epoch and a
+    checkpoint work on."""
+
+    settings: LoopSettings
+    accelerator: Any
+    module: nn.Module  # what trains (DDP-wrapped with several processes)
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    val_loader: Any
+    together: bool  # several processes training one model
+    frozen: _FrozenUnderDDP
+    result: FitResult = field(default_factory=FitResult)
+    best_key: tuple[float, float] = (-1.0, 0.0)
+    best_state: dict[str, Any] | None = None
+    bad_epochs: int = 0
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.module)
+
+    def validate(self) -> tuple[float, float]:
+        """Val loss and accuracy over the whole val split, the same on every process."""
+        model, device = self.unwrapped, self.accelerator.device
+        model.eval()  # not through DDP: its forward would synchronise buffers
         loss_sum, correct, count = 0.0, 0, 0
         with torch.no_grad():
-            for x, y in val_loader:
-                with autocast(accelerator.device, infer_dtype):
-                    logits = module(_to_device(x, accelerator.device)).float()
+            for x, y in self.val_loader:
+                with autocast(device, self.settings.precision.inference_dtype):
+                    logits = model(to_device(x, device)).float()
                 y = y.to(logits.device)
+                if self.together:  # every process's share of the batch, the padding of an uneven last batch dropped
+                    logits, y = self.accelerator.gather_for_metrics((logits, y))
                 loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
                 correct += int((logits.argmax(1) == y).sum())
                 count += len(y)
         return loss_sum / max(1, count), correct / max(1, count)
 
-    def checkpoint_state(epoch: int, finished: bool) -> dict[str, Any]:
-        """Plain containers of tensors and numbers only: loadable with torch.load(weights_only=True)."""
+    def train_epoch(self, epoch: int, loss_fn: nn.Module, progress: bool) -> tuple[float, int, int]:
+        """One pass over the training data: (loss sum, correct, count) over all processes. Sets `result.diverged`
+        (and stops) on a NaN/inf loss, at the same step on every process."""
+        from tqdm.auto import tqdm
+
+        settings, accelerator, module = self.settings, self.accelerator, self.module
+        loss_sum, correct, count = 0.0, 0, 0
+        bar = tqdm(self.train_loader, desc=f"{settings.phase} epoch {epoch}/{settings.epochs}", unit="batch",
+                   leave=False, disable=not progress, mininterval=1.0)
+        for step, (x, y) in enumerate(bar, start=1):
+            with accelerator.accumulate(module):
+                logits = module(to_device(x, accelerator.device))
+                loss = loss_fn(logits.float(), y)
+                accelerator.backward(loss)
+                self.frozen.drop_frozen_grads()
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            if self.together:  # the whole batch's figures on every process
+                batch = accelerator.reduce(torch.stack([
+                    loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                    torch.tensor(float(len(y)), dtype=torch.float64, device=y.device)]), "sum")
+                batch_loss, batch_correct, batch_count = float(batch[0]), int(batch[1]), int(batch[2])
+                loss_value = batch_loss / max(1, batch_count)
+            else:
+                loss_value = loss.item()
+                batch_loss, batch_correct, batch_count = loss_value * len(y), int((logits.argmax(1) == y).sum()), len(y)
+            if not math.isfinite(loss_value):
+                self.result.diverged = f"the training loss became {loss_value} at step {step} of epoch {epoch}"
+                break
+            loss_sum += batch_loss
+            correct += batch_correct
+            count += batch_count
+        bar.close()
+        if self.together:
+            distributed.sync_buffers(self.unwrapped)  # running statistics of BatchNorms in train mode: the main one's
+        return loss_sum, correct, count
+
+    def keep_if_best(self, epoch: int, val_loss: float, val_acc: float) -> None:
+        if (val_acc, -val_loss) > self.best_key:
+            self.best_key, self.bad_epochs = (val_acc, -val_loss), 0
+            self.best_state = copy.deepcopy(self.unwrapped.state_dict())
+            self.result.best_epoch, self.result.best_val_accuracy = epoch, val_acc
+        else:
+            self.bad_epochs += 1
+
+    def start(self, trainable: int, log: Callable[[str], None]) -> tuple[int, bool]:
+        """Epoch 0 (validate the starting point), or the state of the checkpoint; returns (epochs done, finished)."""
+        settings = self.settings
+        saved = load_checkpoint(settings.checkpoint, settings.checkpoint_key)
+        if saved is None:
+            val_loss, val_acc = self.validate()
+            self.result.history.append(EpochRecord(settings.phase, 0, None, None, val_loss, val_acc, 0.0, trainable, 0.0))
+            self.best_key, self.best_state = (val_acc, -val_loss), copy.deepcopy(self.unwrapped.state_dict())
+            self.result.best_val_accuracy = val_acc
+            return 0, False
+        self.result = FitResult([EpochRecord(**r) for r in saved["history"]], **saved["result"])
+        self.best_key, self.bad_epochs = tuple(saved["best_key"]), saved["bad_epochs"]  # type: ignore[assignment]
+        if not saved["finished"]:
+            self.unwrapped.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+        self.best_state = saved["best_model"] if saved["best_model"] is not None else copy.deepcopy(self.unwrapped.state_dict())
+        self.result.resumed_after = saved["epoch"]
+        log(f"  {settings.phase}: resumed after epoch {saved['epoch']} from {settings.checkpoint}")
+        return saved["epoch"], saved["finished"]
+
+    def save(self, epoch: int, finished: bool) -> None:
+        """Write the checkpoint (main process only): plain containers of tensors and numbers, loadable with
+        torch.load(weights_only=True)."""
+        settings, result = self.settings, self.result
+        if not distributed.is_main() or settings.checkpoint is None:
+            return
         state: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT, "key": settings.checkpoint_key, "phase": settings.phase, "epoch": epoch,
-            "finished": finished, "history": result.as_rows(), "best_key": list(best_key), "bad_epochs": bad_epochs,
+            "finished": finished, "history": result.as_rows(), "best_key": list(self.best_key),
+            "bad_epochs": self.bad_epochs,
             "result": {k: getattr(result, k) for k in ("best_epoch", "best_val_accuracy", "stopped_early",
                                                         "train_seconds", "samples_seen", "diverged")}}
         if finished:
-            state["best_model"] = best_state
+            state["best_model"] = self.best_state
         else:
-            state.update(model=unwrapped.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         best_model=None if result.best_epoch == epoch else best_state)  # None: the current weights
-        return state
+            state.update(model=self.unwrapped.state_dict(), optimizer=self.optimizer.state_dict(),
+                         scheduler=self.scheduler.state_dict(),
+                         best_model=None if result.best_epoch == epoch else self.best_state)  # None: the current weights
+        save_checkpoint(settings.checkpoint, state)
 
-    saved = load_checkpoint(settings.checkpoint, settings.checkpoint_key)
-    if saved is None:
-        result = FitResult()
-        val_loss, val_acc = validate()
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        result.history.append(EpochRecord(settings.phase, 0, None, None, val_loss, val_acc, 0.0, trainable, 0.0))
-        best_key = (val_acc, -val_loss)
-        best_state = copy.deepcopy(unwrapped.state_dict())
-        result.best_val_accuracy = val_acc
-        bad_epochs, done, finished = 0, 0, False
-    else:
-        result = FitResult([EpochRecord(**r) for r in saved["history"]], **saved["result"])
-        best_key, bad_epochs, done, finished = tuple(saved["best_key"]), saved["bad_epochs"], saved["epoch"], saved["finished"]
-        if not finished:
-            unwrapped.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-        best_state = saved["best_model"] if saved["best_model"] is not None else copy.deepcopy(unwrapped.state_dict())
-        result.resumed_after = done
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        log(f"  {settings.phase}: resumed after epoch {done} from {settings.checkpoint}")
+
+def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str, Any]], settings: LoopSettings,
+        on_epoch_start: Callable[[int], int] | None = None, after_train_mode: Callable[[nn.Module], None] | None = None,
+        log: Callable[[str], None] = print) -> FitResult:
+    """Train `module` with AdamW + warmup/cosine, evaluating on val each epoch; restores the best weights.
+
+    Epoch 0 is the starting point (e.g. a head already fitted on features): fine-tuning never returns a
+    model worse on val than the one it started from. A NaN/inf loss stops training with a diagnosis and the
+    best weights before it. With `settings.checkpoint`, a run killed at any point resumes bit-identically (CPU).
+
+    With several processes every process must call it: they train together (DDP, see `_loop_parts`) or, with
+    `settings.distributed=False`, each alone on all the data. Validation is gathered over every process, so every
+    process sees the same val figures and takes the same early-stopping and best-epoch decisions; only the main
+    process logs and writes the checkpoint (every process reads it to resume).
+    """
+    processes = distributed.world_size()
+    together = settings.distributed and processes > 1
+    log = log if distributed.is_main() else _silent
+    distributed.warn_single_cpu_launch(log)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = _FrozenUnderDDP(groups, active=together)
+    accelerator, module, optimizer, train_loader, val_loader, scheduler, generator, batch_size = _loop_parts(
+        module, train_data, val_data, groups, settings, processes)
+    if together and batch_size != settings.batch_size:
+        log(f"  {settings.phase}: batch size {settings.batch_size} is not a multiple of {processes} processes: "
+            f"{batch_size} images per step ({batch_size // processes} per process)")
+    loop = _Loop(settings, accelerator, module, optimizer, scheduler, train_loader, val_loader, together, frozen)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    done, finished = loop.start(trainable, log)
+    result = loop.result
     spent_before, start = result.train_seconds, time.perf_counter()
     last_checkpoint = start
     for epoch in range(done + 1, settings.epochs + 1):
@@ -304,30 +403,14 @@ def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str
         seed_epoch(generator, settings.seed, epoch)
         if on_epoch_start is not None:
             trainable = on_epoch_start(epoch - 1)
+            frozen.read_strategy()
         module.train()
         if after_train_mode is not None:
-            after_train_mode(module)
-        loss_sum, correct, count = 0.0, 0, 0
-        bar = tqdm(train_loader, desc=f"{settings.phase} epoch {epoch}/{settings.epochs}", unit="batch", leave=False,
-                   disable=not settings.progress or not accelerator.is_local_main_process, mininterval=1.0)
-        for step, (x, y) in enumerate(bar, start=1):
-            with accelerator.accumulate(module):
-                logits = module(_to_device(x, accelerator.device))
-                loss = loss_fn(logits.float(), y)
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                result.diverged = f"the training loss became {loss_value} at step {step} of epoch {epoch}"
-                break
-            loss_sum += loss_value * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            count += len(y)
-        bar.close()
+            with frozen.as_strategy_set():
+                after_train_mode(module)
+        loss_sum, correct, count = loop.train_epoch(epoch, loss_fn, settings.progress and distributed.is_main())
         if result.diverged is None:
-            val_loss, val_acc = validate()
+            val_loss, val_acc = loop.validate()
             if not math.isfinite(val_loss):
                 result.diverged = f"the validation loss became {val_loss} after epoch {epoch}"
         if result.diverged is not None:  # the weights are garbage now: no record, no checkpoint of them
@@ -340,32 +423,30 @@ def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str
         record = EpochRecord(settings.phase, epoch, loss_sum / max(1, count), correct / max(1, count), val_loss, val_acc,
                              float(scheduler.get_last_lr()[0]), trainable, time.perf_counter() - t0)
         result.history.append(record)
-        if (val_acc, -val_loss) > best_key:
-            best_key, bad_epochs = (val_acc, -val_loss), 0
-            best_state = copy.deepcopy(unwrapped.state_dict())
-            result.best_epoch, result.best_val_accuracy = epoch, val_acc
-        else:
-            bad_epochs += 1
+        loop.keep_if_best(epoch, val_loss, val_acc)
         if settings.progress or epoch == settings.epochs:
             log(f"  {settings.phase} epoch {epoch}/{settings.epochs}: train loss {record.train_loss:.3f} "
                 f"acc {record.train_accuracy:.3f} | val loss {val_loss:.3f} acc {val_acc:.3f} | {record.seconds:.1f}s")
-        if bad_epochs >= settings.patience and epoch < settings.epochs:
+        if loop.bad_epochs >= settings.patience and epoch < settings.epochs:
             result.stopped_early = True
             log(f"  early stop: val accuracy has not improved for {settings.patience} epochs (best: epoch {result.best_epoch})")
         finished = result.stopped_early or epoch == settings.epochs
         result.train_seconds = spent_before + time.perf_counter() - start
-        if (settings.checkpoint is not None and not finished
-                and time.perf_counter() - last_checkpoint >= settings.checkpoint_every):
-            save_checkpoint(settings.checkpoint, checkpoint_state(epoch, finished=False))
+        if not finished and time.perf_counter() - last_checkpoint >= settings.checkpoint_every:
+            loop.save(epoch, finished=False)
             last_checkpoint = time.perf_counter()
     result.train_seconds = spent_before + time.perf_counter() - start
-    unwrapped.load_state_dict(best_state)
-    if settings.checkpoint is not None:
-        save_checkpoint(settings.checkpoint, checkpoint_state(len(result.history) - 1, finished=True))
+    loop.unwrapped.load_state_dict(loop.best_state)
+    frozen.restore()
+    loop.save(len(result.history) - 1, finished=True)
     if accelerator.device.type != "cpu":
         accelerator.free_memory()  # give the device memory back before the next phase (it also runs a full gc:
         # 0.2 s on a CPU, where the accelerator's references simply go with it when this function returns)
     return result
+
+
+def _silent(message: str) -> None:
+    """The log of a process other than the main one: only the main process prints."""
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -1,0 +1,103 @@
+"""A finished run directory, reloaded for inference with nothing else: `Run.load(path)`.
+
+It reads its files through `runfiles` and infers through `inference`; it never calls back into training.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import Preprocessing
+from .labels import LabelSpace
+from .runfiles import ModelInfo, read_config, read_metrics, read_model_info
+
+
+@dataclass
+class Run:
+    """A finished run directory: config, metrics, and the model ready for inference."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    info: ModelInfo
+    _model: Any = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Run:
+        root = Path(path)
+        info = read_model_info(root)
+        return cls(root, read_config(root), read_metrics(root), info)
+
+    @property
+    def labels(self) -> LabelSpace:
+        return self.info.labels
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info.classes
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.info.preprocessing
+
+    @property
+    def inference(self) -> str:
+        return self.info.inference
+
+    @property
+    def strategy(self) -> str:
+        return self.info.strategy
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from .backbones import load_saved_model
+
+            self._model = load_saved_model(self.path).eval()
+        return self._model
+
+    def dtype(self, device: Any) -> Any:
+        import torch
+
+        if device.type == "cpu" and self.inference == "fp16":
+            return None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.inference)
+
+    def logits(self, pixels: Any, indices: list[int] | None = None, progress: bool = False) -> np.ndarray:
+        """Logits for rows of decoded uint8 images, through the exact inference path used at test time."""
+        import torch
+
+        from .inference import default_device, run_batches
+
+        device = default_device()
+        model = self.model.to(device).to(memory_format=torch.channels_last)
+        idx = list(range(len(pixels))) if indices is None else indices
+        return run_batches(model, pixels, idx, self.preprocessing, device, self.dtype(device), progress=progress).numpy()
+
+    def split_logits(self, pixels: Any, hashes: Sequence[str], indices: list[int], progress: bool = False) -> np.ndarray:
+        """Logits for some rows of a decoded dataset, the way the run was evaluated: a frozen backbone's head on the
+        (cached) features of every row, others through the whole model."""
+        if self.info.evaluated_on != "features":
+            return self.logits(pixels, indices, progress=progress)
+        import torch
+
+        from .backbones import fingerprint
+        from .inference import cached_features, default_device
+
+        device = default_device()
+        model = self.model.to(device).to(memory_format=torch.channels_last)
+        feats, _ = cached_features(model, fingerprint(model), pixels, list(hashes), self.preprocessing, device,
+                                   self.dtype(device), progress)
+        with torch.no_grad():
+            return model.head.cpu()(feats[indices]).numpy()
+
+    def predict(self, files: Sequence[str], top_k: int = 5) -> list[dict[str, Any]]:
+        """Top-k labels with probabilities per image file; unreadable files get an `error` instead."""
+        from .predict import predict_files
+
+        return predict_files(self, files, top_k)
