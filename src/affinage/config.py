@@ -74,7 +74,10 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from .targets import parse_targets
+
         object.__setattr__(self, "strategy", check_strategy(self.strategy))
+        parse_targets(self.targets)  # a typo in --target fails now, before any run starts (classes: checked later)
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum}
         for name, value in positive.items():
             if value is not None and value < 1:

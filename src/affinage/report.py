@@ -400,11 +400,12 @@ def _read_json(root: Path, reader: Any) -> Any:
 def _figure(width: float, height: float) -> Any:
     from matplotlib.figure import Figure  # the object API: no pyplot, no global backend, Agg for PNG
 
-    return Figure(figsize=(width, height), dpi=90, layout="constrained")
+    return Figure(figsize=(width, height), dpi=90)  # margins fitted at save time (bbox_inches): constrained layout
+    # cost 0.35 s of every run's report
 
 
 def _png(fig: Any, alt: str) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
+    fig.savefig(buf, format="png", metadata={"Software": None}, bbox_inches="tight", pad_inches=0.08)
     data = base64.b64encode(buf.getvalue()).decode("ascii")
     return f"<img alt=\"{_e(alt)}\" src=\"data:image/png;base64,{data}\">"
