@@ -236,3 +236,36 @@ def test_a_finished_run_is_the_starting_model_of_a_new_run(tiny_run: Path, tiny_
     assert new.metrics["model"]["backbone"].startswith("run:")
     assert new.metrics["test"]["accuracy"] >= old.metrics["test"]["accuracy"] - 0.1
     assert new.classes == old.classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Classes too small to split: refused by default, naming them; --min-per-class leaves them out, listed
+# ----------------------------------------------------------------------------------------------
+def _with_tiny_classes(root: Path, tiny_images: Path) -> Path:
+    data = root / "data"
+    shutil.copytree(tiny_images, data)
+    for name, keep in (("rare_one", 1), ("rare_two", 2)):
+        (data / name).mkdir()
+        for src in sorted((tiny_images / "red_disc").glob("*.png"))[:keep]:
+            shutil.copy(src, data / name / f"{name}_{src.name}")
+    return data
+
+
+def test_classes_too_small_to_split_are_refused_by_name(tmp_path: Path, tiny_images: Path, tiny_timm: Path):
+    data = _with_tiny_classes(tmp_path, tiny_images)
+    with pytest.raises(AffinageError) as err:
+        finetune(data=str(data), model=str(tiny_timm), out=tmp_path / "r", **quiet)
+    assert "'rare_one' (1), 'rare_two' (2)" in str(err.value) and "--min-per-class 3" in str(err.value)
+    assert not (tmp_path / "r").exists()  # refused before any run directory is made
+
+
+def test_min_per_class_leaves_small_classes_out_and_lists_them(tmp_path: Path, tiny_images: Path, tiny_timm: Path):
+    data = _with_tiny_classes(tmp_path, tiny_images)
+    run = finetune(data=str(data), model=str(tiny_timm), out=tmp_path / "r", min_per_class=3, **quiet)
+    assert run.classes == ["blue_bar", "green_square", "red_disc"]
+    assert run.metrics["data"]["classes_left_out"] == {"rare_one": 1, "rare_two": 2}
+    skipped = list(csv.DictReader(open(run.path / "skipped_files.csv", encoding="utf-8")))
+    rare = [r for r in skipped if "rare_" in r["path"]]
+    assert len(rare) == 3 and all("fewer than --min-per-class 3" in r["reason"] for r in rare)
+    with pytest.raises(AffinageError, match="min_per_class must be >= 1"):
+        finetune(data=str(data), model=str(tiny_timm), out=tmp_path / "r2", min_per_class=0, **quiet)

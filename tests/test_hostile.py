@@ -345,7 +345,8 @@ def test_dataset_with_nothing_readable_is_refused(tmp_path, tiny_timm):
     root = tmp_path / "junk"
     for label in ("a", "b"):
         (root / label).mkdir(parents=True)
-        (root / label / "x.jpg").write_bytes(b"")
+        for k in range(3):  # enough files to split, had they been images
+            (root / label / f"x{k}.jpg").write_bytes(b"")
     line = refused_line(["train", "--data", str(root), "--model", str(tiny_timm), "--out", str(tmp_path / "run"),
                          "--quiet"])
     assert "none of the images" in line

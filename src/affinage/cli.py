@@ -70,6 +70,9 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
     d.add_argument("--test-fraction", type=float, default=0.15, help="carved when no test split is given")
     d.add_argument("--splits-from", help="reuse the split lists of an earlier run directory")
     d.add_argument("--group-by", help="regex on the path whose first group names a sample's group (bias metrics)")
+    d.add_argument("--min-per-class", type=int, metavar="N",
+                   help="leave out the classes with fewer than N usable images (listed in skipped_files.csv with the "
+                        "reason); default: refuse data with classes too small to split, naming them")
     d.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16/fp16 on GPU; fp32 training and bf16 inference on CPUs with AVX512-BF16")
     d.add_argument("--num-workers", type=int, help="DataLoader workers (default: 0 on CPU, up to 8 on GPU)")
@@ -103,7 +106,7 @@ def _rgb(text: str) -> list[float]:
 def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("seed", "epochs", "lr", "batch_size", "weight_decay", "layer_decay", "label_smoothing", "augment",
             "warmup_epochs", "patience", "head_init", "image_size", "grad_accum", "val_fraction", "test_fraction",
-            "splits_from", "group_by", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha", "mean", "std")
+            "splits_from", "group_by", "min_per_class", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha", "mean", "std")
     kwargs = {k: getattr(args, k) for k in keys}
     kwargs["pretrained"] = not args.no_pretrained
     kwargs["resume"] = args.resume

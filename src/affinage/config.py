@@ -62,6 +62,7 @@ class TrainConfig:
     grad_accum: int = 1
     splits_from: str | None = None  # a run directory whose split lists to reuse
     group_by: str | None = None
+    min_per_class: int | None = None  # leave out (and list) classes with fewer usable images; None: refuse such data
     trust_remote_code: bool = False
     lr_min: float | None = None  # discriminative LRs: the lowest trained block's LR (fastai's slice(lr_min, lr)); overrides layer_decay
     lora_rank: int = 8  # LoRA adapter rank (strategy lora)
@@ -78,6 +79,8 @@ class TrainConfig:
 
         object.__setattr__(self, "strategy", check_strategy(self.strategy))
         parse_targets(self.targets)  # a typo in --target fails now, before any run starts (classes: checked later)
+        if self.min_per_class is not None and self.min_per_class < 1:
+            raise AffinageError(f"min_per_class must be >= 1, got {self.min_per_class}", "pass e.g. --min-per-class 3")
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum}
         for name, value in positive.items():
             if value is not None and value < 1:

@@ -18,7 +18,7 @@ import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -510,6 +510,44 @@ class DecodedImages:
     hashed_count: int = 0  # files read to hash them (the others' size and mtime were unchanged: memoised hash)
     hash_seconds: float = 0.0
     decode_seconds: float = 0.0
+
+
+MIN_SPLITTABLE = 3  # images a class needs when its val and test images are carved from it (one each, one to train)
+
+
+def small_classes(samples: Sequence[Sample], minimum: int) -> list[tuple[str, int]]:
+    """(class, usable images) of every class with fewer than `minimum`, smallest first."""
+    counts = Counter(s.label for s in samples)
+    return sorted(((c, n) for c, n in counts.items() if n < minimum), key=lambda cn: (cn[1], cn[0]))
+
+
+def refuse_small_classes(samples: Sequence[Sample], given_splits: bool, usable: bool = True) -> None:
+    """Without --min-per-class: refuse data whose classes are too small to carve val and test from, naming them."""
+    too_small = [] if given_splits else small_classes(samples, MIN_SPLITTABLE)
+    if too_small:
+        shown = ", ".join(f"'{c}' ({n})" for c, n in too_small[:10]) + (" …" if len(too_small) > 10 else "")
+        raise AffinageError(f"{len(too_small)} class(es) have fewer than {MIN_SPLITTABLE} {'usable ' if usable else ''}"
+                            f"images, too few to split into train/val/test: {shown}",
+                            f"add images to them, or pass --min-per-class {MIN_SPLITTABLE} to leave them out "
+                            "(they are listed in skipped_files.csv)")
+
+
+def drop_small_classes(decoded: DecodedImages, minimum: int | None,
+                       given_splits: bool) -> tuple[DecodedImages, list[tuple[str, int]]]:
+    """`--min-per-class N`: the classes under N usable images leave the data, each of their files listed as skipped
+    with the reason. Without it, data whose classes are too small to split are refused, naming those classes."""
+    if minimum is None:
+        refuse_small_classes(decoded.samples, given_splits)
+        return decoded, []
+    dropped = small_classes(decoded.samples, minimum)
+    if not dropped:
+        return decoded, []
+    counts = dict(dropped)
+    keep = [i for i, s in enumerate(decoded.samples) if s.label not in counts]
+    reasons = [(s.key, f"class '{s.label}' has {counts[s.label]} usable image(s), fewer than --min-per-class {minimum}")
+               for s in decoded.samples if s.label in counts]
+    return replace(decoded, samples=[decoded.samples[i] for i in keep], hashes=[decoded.hashes[i] for i in keep],
+                   pixels=decoded.pixels.subset(keep), skipped=decoded.skipped + reasons), dropped
 
 
 def decode_all(images: LabelledImages, pp: Preprocessing, workers: int | None = None,

@@ -32,10 +32,12 @@ from .data import (
     check_usable,
     class_counts,
     decode_all,
+    drop_small_classes,
     load_source,
     make_splits,
     printable,
     read_split_lists,
+    refuse_small_classes,
     write_skipped,
     write_split_lists,
 )
@@ -93,6 +95,7 @@ class PreparedData:
     targets: list[Any]  # the parsed --target expressions, checked against the label space
     seconds: float
     key: str  # identity of images, splits and labels: checkpoints are only resumed with the same
+    left_out: list[tuple[str, int]]  # (class, usable images) left out by --min-per-class
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,8 @@ def load_data(cfg: TrainConfig) -> LabelledImages:
 
     images = load_source(cfg.data, cfg.group_by)
     parse_targets(cfg.targets, images.classes)  # a class named in --target must exist, checked before any run dir
+    if cfg.min_per_class is None:  # classes too small to split even if every file decodes: refused before any run dir
+        refuse_small_classes(images.samples, any(s.split is not None for s in images.samples), usable=False)
     return images
 
 
@@ -230,6 +235,10 @@ def prepare_data(cfg: TrainConfig, images: LabelledImages, pp: Preprocessing, ru
     t0 = time.perf_counter()
     with dist.main_first():  # the main process fills the shared image store, the others then read it
         decoded = decode_all(images, pp, progress=progress)
+    decoded, small = drop_small_classes(decoded, cfg.min_per_class, any(s.split is not None for s in decoded.samples))
+    if small:
+        log(f"left out {len(small)} class(es) with fewer than {cfg.min_per_class} usable images (--min-per-class): "
+            + ", ".join(f"'{c}' ({n})" for c, n in small[:10]) + (" …" if len(small) > 10 else ""))
     seconds = time.perf_counter() - t0
     log(f"images: {len(decoded.samples)} usable, {decoded.decoded_count} decoded by this run (the others from the "
         f"image store), {decoded.hashed_count} file(s) read to hash them, in {seconds:.1f}s")
@@ -255,7 +264,7 @@ def prepare_data(cfg: TrainConfig, images: LabelledImages, pp: Preprocessing, ru
     key = digest(*(f"{name}/{samples[i].label}/{decoded.hashes[i]}" for name, idx in splits.items() for i in idx))
     log(f"data: {len(labels)} classes, {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test "
         f"images ({splits.how})")
-    return PreparedData(decoded, splits, labels, y, leak_info, targets, seconds, key)
+    return PreparedData(decoded, splits, labels, y, leak_info, targets, seconds, key, small)
 
 
 def plan_device(cfg: TrainConfig) -> Plan:
@@ -544,7 +553,8 @@ def _metrics(cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data:
         "hyperparameters": dict(plan.hp),
         "data": {"source": images.description, "classes": classes, "label_source": data.labels.source,
                  "split": splits.how, "counts": {name: class_counts(samples, idx) for name, idx in splits.items()},
-                 "skipped": len(data.decoded.skipped)},
+                 "skipped": len(data.decoded.skipped),
+                 "classes_left_out": {c: n for c, n in data.left_out}},
         "model": {**(net.describe() if net is not None else backbone.card.describe(trainable)),
                   "trainable_params": trainable, "inference_precision": plan.precision.inference},
         "timing": {"wall_seconds": time.perf_counter() - started, "model_load_seconds": backbone.seconds,
