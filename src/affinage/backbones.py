@@ -188,10 +188,7 @@ def create_model(model: str, num_classes: int, pretrained: bool = True, head_hid
                  std: Sequence[float] | None = None) -> ImageClassifier:
     """Resolve a model spec (built-in name, timm:<name>, hf:<org/name>, local folder, finished run) into an
     ImageClassifier; `image_size`, `mean` and `std` override the checkpoint's preprocessing."""
-    from .runfiles import is_run_dir
-
-    if model.startswith("run:") or (not model.startswith(("timm:", "hf:")) and model not in BUILTIN
-                                    and is_run_dir(os.path.expanduser(model))):
+    if names_a_run(model):
         net = start_from_run(Path(model[4:] if model.startswith("run:") else model).expanduser(), head_hidden)
         net.preprocessing = _override(net.preprocessing, image_size, mean, std)
         net.reset_classifier(num_classes, head_hidden)
@@ -208,6 +205,14 @@ def create_model(model: str, num_classes: int, pretrained: bool = True, head_hid
     else:
         raise AffinageError(f"unknown model '{model}'", MODEL_HELP)
     return _wrap(backbone, spec, _override(pp, image_size, mean, std), num_classes, head_hidden)
+
+
+def names_a_run(model: str) -> bool:
+    """Whether a --model value names a finished run (`run:DIR`, or a run directory or its model/ folder)."""
+    from .runfiles import is_run_dir
+
+    return model.startswith("run:") or (not model.startswith(("timm:", "hf:")) and model not in BUILTIN
+                                        and is_run_dir(os.path.expanduser(model)))
 
 
 def _override(pp: Preprocessing, image_size: int | None, mean: Sequence[float] | None,
@@ -609,11 +614,8 @@ def card_key(model: str, image_size: int | None, mean: Sequence[float] | None = 
     revision), so those always build the model."""
     from importlib import metadata, util
 
-    from .runfiles import is_run_dir
-
     files: list[Path] = []
-    if model.startswith("run:") or (model not in BUILTIN and not model.startswith(("timm:", "hf:"))
-                                    and is_run_dir(os.path.expanduser(model))):
+    if names_a_run(model):
         return None  # a trained run: its weights are its own, features are keyed by its fingerprint
     if model in BUILTIN:
         spec = util.find_spec(BUILTIN[model][1])

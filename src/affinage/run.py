@@ -539,16 +539,16 @@ def _metrics(cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data:
     trainable = sum(p.numel() for p in trained.head.parameters())
     if trained.fine_tune is not None:
         trainable = max(r["trainable_params"] for r in trained.fine_tune.as_rows())
-    last = trained.fine_tune or trained.probe
-    kept = max(trained.history, key=lambda r: (r["val_accuracy"], -r["val_loss"]), default=None)
+    last = trained.fine_tune or trained.probe  # the phase whose best weights were kept
     net = trained.net
     metrics: dict[str, Any] = {
         "strategy": plan.strategy.name, "strategy_reason": plan.reason,
         **({"strategy_evidence": plan.evidence} if plan.evidence is not None else {}),
         "task": data.labels.task,
         "test": evaluation.test,
-        "val": {"accuracy": kept["val_accuracy"] if kept else None, "kept_phase": kept["phase"] if kept else None,
-                "kept_epoch": (last.best_epoch if last is not None else None)},
+        "val": {"accuracy": last.best_val_accuracy if last is not None else None,
+                "kept_phase": last.history[0].phase if last is not None else None,
+                "kept_epoch": last.best_epoch if last is not None else None},
         "diverged": last.diverged if last is not None else None,  # NaN/inf loss: why training stopped
         "hyperparameters": dict(plan.hp),
         "data": {"source": images.description, "classes": classes, "label_source": data.labels.source,

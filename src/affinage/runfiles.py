@@ -116,8 +116,8 @@ def is_finished(path: str | os.PathLike[str]) -> bool:
 def is_run_dir(path: str | os.PathLike[str]) -> bool:
     """A finished run directory (or its model/ folder) that can be the starting model of another run."""
     root = Path(path)
-    return (root / MODEL_DIR / "model.json").is_file() or (root / "model.json").is_file() and (
-        root / "model.safetensors").is_file()
+    return (root / MODEL_DIR / "model.json").is_file() or (
+        (root / "model.json").is_file() and (root / "model.safetensors").is_file())
 
 
 def remove_checkpoints(run_dir: Path) -> None:
