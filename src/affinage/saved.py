@@ -62,11 +62,12 @@ class Run:
         return self._model
 
     def dtype(self, device: Any) -> Any:
-        import torch
+        """The autocast dtype the run was evaluated with (fp16 is a GPU precision: CPUs run it in fp32)."""
+        from .inference import Precision
 
         if device.type == "cpu" and self.inference == "fp16":
             return None
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.inference)
+        return Precision("no", self.inference).inference_dtype
 
     def logits(self, pixels: Any, indices: list[int] | None = None, progress: bool = False) -> np.ndarray:
         """Logits for rows of decoded uint8 images, through the exact inference path used at test time."""
