@@ -94,7 +94,7 @@ def test_parser_defaults():
     demo = build_parser().parse_args(["demo"])
     assert (demo.data, demo.model) == ("digits", "efficientnet_lite0")  # offline: bundled data and weights
     train = build_parser().parse_args(["train", "--data", "x"])
-    assert (train.model, train.strategy, train.seed) == ("efficientnet_lite0", "linear-probe", 0)
+    assert (train.model, train.strategy, train.seed) == ("efficientnet_lite0", "auto", 0)
     assert not train.no_pretrained and not train.train_bn_stats
 
 

@@ -64,7 +64,9 @@ def test_every_strategy_is_timed_as_a_cold_run(comparison):
 
 
 def _row(strategy: str, accuracy: float, energy: float | None, seconds: float, met: bool | None) -> dict:
-    return {"strategy": strategy, "test_accuracy": accuracy, "macro_f1": accuracy, "trainable_params": 1,
+    """`accuracy` is the val accuracy (what compare chooses on); test is shown only (see test_compare_selection.py)."""
+    return {"strategy": strategy, "auto_pick": False, "val_accuracy": accuracy, "val_loss": None,
+            "test_accuracy": accuracy, "macro_f1": accuracy, "trainable_params": 1,
             "wall_seconds": seconds, "samples_per_second": 1.0, "peak_memory_mb": 1.0, "energy_kwh": energy,
             "co2_kg": energy, "targets_met": met, "features_cached": False, "run_dir": "x"}
 
@@ -74,10 +76,10 @@ def test_cheapest_meeting_the_target_is_named(tmp_path: Path):
             _row("partial:2", 0.96, 1e-3, 120, True)]
     result = finish(tmp_path, rows, ["accuracy>=0.95"], log=lambda _: None)
     assert result.best == "full" and result.cheapest == "partial:2" and result.cost_measure == "energy_kwh"
-    # without targets: the cheapest within a point of the best
+    # without targets: the cheapest within a point of the best val accuracy
     result = finish(tmp_path, rows, [], log=lambda _: None)
     assert result.cheapest == "full"
-    rows[2]["test_accuracy"] = 0.975
+    rows[2]["val_accuracy"] = 0.975
     assert finish(tmp_path, rows, [], log=lambda _: None).cheapest == "partial:2"
     # nobody meets it
     result = finish(tmp_path, [_row("head", 0.5, 1e-4, 10, False)], ["accuracy>=0.95"], log=lambda _: None)

@@ -84,7 +84,7 @@ def test_finetune_reads_as_the_stage_list():
     source = (SRC / "run.py").read_text(encoding="utf-8")
     body = ast.get_source_segment(source, next(n for n in ast.parse(source).body
                                                if isinstance(n, ast.FunctionDef) and n.name == "finetune"))
-    order = ["load_data(", "build_backbone(", "open_run_dir(", "prepare_data(", "extract_features(",
+    order = ["load_data(", "choose_backbone(", "build_backbone(", "open_run_dir(", "prepare_data(", "extract_features(",
              "plan_training(", "train_model(", "evaluate_model(", "write_run("]
     positions = [body.index(stage) for stage in order]
     assert positions == sorted(positions)

@@ -9,12 +9,13 @@ import pytest
 import torch
 from conftest import CLASSES, load_safetensors
 
+from affinage.auto import domain_evidence, trial_order
 from affinage.backbones import create_model
 from affinage.cli import main
 from affinage.config import TrainConfig
 from affinage.errors import AffinageError
 from affinage.run import Run, evaluate_run, finetune
-from affinage.strategies import choose_strategy, get_strategy, lora_targets, param_groups
+from affinage.strategies import get_strategy, lora_targets, param_groups
 
 
 def _quiet(_: str) -> None:
@@ -153,22 +154,24 @@ def _clusters(n_classes: int, per_class: int, spread: float, seed: int = 0) -> t
     return torch.tensor(x, dtype=torch.float32), np.repeat(np.arange(n_classes), per_class)
 
 
-def test_auto_picks_frozen_for_small_familiar_data():
+def test_evidence_orders_the_trial_near_domain_top_blocks_first():
     x, y = _clusters(3, 30, 0.1)
     sure = (torch.cat([torch.eye(64)[:3] * 50, torch.zeros(97, 64)]), torch.zeros(100))  # confident classifier
-    choice = choose_strategy(x, y, sure)
-    assert choice.strategy == "linear-probe" and choice.evidence["near_domain"]
-    assert "30 training images per class" in choice.reason and "entropy" in choice.reason
+    evidence = domain_evidence(x, y, sure)
+    order, why = trial_order(evidence)
+    assert evidence["near_domain"] and evidence["images_per_class"] == 30
+    assert order[:3] == ["linear-probe", "head", "partial:2"] and "scratch" not in order and "near" in why
 
 
-def test_auto_unfreezes_for_a_far_domain():
-    x, y = _clusters(4, 60, 3.0)  # frozen features barely separate the classes
+def test_evidence_orders_the_trial_far_domain_deep_first_and_scratch_checked():
+    x, y = _clusters(4, 120, 3.0)  # frozen features barely separate the classes
     unsure = (torch.zeros(100, 64), torch.zeros(100))  # uniform over its own classes
-    choice = choose_strategy(x, y, unsure)
-    assert choice.strategy == "full" and not choice.evidence["near_domain"]
-    assert choice.evidence["pretrained_entropy"] == pytest.approx(1.0)
+    evidence = domain_evidence(x, y, unsure)
+    assert not evidence["near_domain"] and evidence["pretrained_entropy"] == pytest.approx(1.0)
+    order, _ = trial_order(evidence)
+    assert order[2] == "full" and order[-1] == "scratch"
     x, y = _clusters(4, 20, 3.0)
-    assert choose_strategy(x, y, unsure).strategy == "progressive"  # little data: unfreeze gradually
+    assert trial_order(domain_evidence(x, y, unsure))[0][2] == "progressive"  # little data: unfreeze gradually
 
 
 def test_auto_run_records_the_resolved_strategy_and_reason(tmp_path, tiny_timm, tiny_images, capsys):
@@ -176,7 +179,7 @@ def test_auto_run_records_the_resolved_strategy_and_reason(tmp_path, tiny_timm, 
                  "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8", "--quiet"])
     assert code == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["strategy"] in ("linear-probe", "partial:2", "progressive", "full")
+    assert metrics["strategy"] in ("linear-probe", "head", "partial:2", "progressive", "full", "lora", "scratch")
     assert metrics["strategy_reason"].startswith(f"auto chose {metrics['strategy']}:")
     assert "5-NN" in metrics["strategy_reason"] and metrics["strategy_evidence"]["classes"] == len(CLASSES)
     assert metrics["strategy_reason"] in capsys.readouterr().out

@@ -14,10 +14,11 @@ from .errors import AffinageError
 
 DEMO_DATA = "digits"
 DEMO_MODEL = "efficientnet_lite0"
-DEMO_STRATEGY = "linear-probe"
+DEMO_STRATEGY = "auto"
 DEMO_PRESET = {"strategy": "full", "image_size": 128, "train_image_size": 128, "epochs": 4, "augment": "light"}  # `affinage demo`: ~0.96 test accuracy, ~1.5 min on 2 CPU cores
 
 
+# long-function: one declaration per `train` option, grouped as --help prints them
 def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     g = p.add_argument_group("what to train")
     g.add_argument("--data", required=data_required, default=None if data_required else DEMO_DATA,
@@ -27,8 +28,16 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
                    help="backbone: efficientnet_lite0 / efficientnet_lite2 (built-in, offline), timm:<name>, "
                         "hf:<org/name>, or a local folder with config.json + weights (default: %(default)s)")
     g.add_argument("--strategy", default=DEMO_STRATEGY,
-                   help=f"one of {', '.join(STRATEGY_NAMES)}; auto picks one from data size and domain distance and "
-                        "says why (default: %(default)s)")
+                   help=f"one of {', '.join(STRATEGY_NAMES)}; auto tries candidates within --budget and keeps the "
+                        "best on val, saying why (default: %(default)s)")
+    g.add_argument("--models", help="backbones to rank by a tuned frozen-feature probe on val, comma-separated; the "
+                                    "best (the smaller where val cannot separate them) is trained; --model auto "
+                                    "ranks the built-ins")
+    g.add_argument("--budget", help="auto: wall-clock allowance of the whole run, e.g. 10m, 90s, 1h (default: 10m on "
+                                    "a CPU, 30m on a GPU)")
+    g.add_argument("--budget-factor", type=float, metavar="F",
+                   help="auto: at most F times the linear probe's cost (decoding + features + probe)")
+    g.add_argument("--candidates", help="auto: only these strategies, comma-separated (default: all, in auto's order)")
     g.add_argument("--out", default=None, help="new run directory (default: runs/<date-time>-<strategy>); "
                                                "an existing non-empty directory is refused")
     g.add_argument("--resume", action="store_true",
@@ -55,6 +64,14 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
                                                 "epoch that does not improve; default: the strategy's)")
     h.add_argument("--head-init", choices=("probe", "random"), default="probe",
                    help="unfreezing strategies start from a head fitted on frozen features (probe, default) or random")
+    h.add_argument("--interpolate", default="auto", metavar="auto|none|ALPHA",
+                   help="WiSE-FT: mix the probe-initialised start and the fine-tuned weights; auto picks alpha among "
+                        "0.5, 0.75, 1 on val (default: %(default)s)")
+    h.add_argument("--tta", choices=("auto", "on", "off"), default="auto",
+                   help="flip test-time augmentation; auto keeps it where it helps on val (default: %(default)s)")
+    h.add_argument("--refit", choices=("auto", "on", "off"), default="auto",
+                   help="refit the kept configuration on train+val (auto: the probe only, whose refit is cheap; on: "
+                        "also strategies that train the backbone, a second training) (default: %(default)s)")
     h.add_argument("--train-bn-stats", action="store_true",
                    help="let BatchNorm re-estimate its statistics while fine-tuning (default: keep the pretrained ones)")
     h.add_argument("--image-size", type=int, help="override the checkpoint's input size (pixels); needed where its "
@@ -106,10 +123,13 @@ def _rgb(text: str) -> list[float]:
 def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("seed", "epochs", "lr", "batch_size", "weight_decay", "layer_decay", "label_smoothing", "augment",
             "warmup_epochs", "patience", "head_init", "image_size", "grad_accum", "val_fraction", "test_fraction",
-            "splits_from", "group_by", "min_per_class", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha", "mean", "std")
+            "splits_from", "group_by", "min_per_class", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha", "mean", "std",
+            "budget", "budget_factor", "interpolate", "tta", "refit")
     kwargs = {k: getattr(args, k) for k in keys}
     kwargs["pretrained"] = not args.no_pretrained
     kwargs["resume"] = args.resume
+    kwargs["models"] = [m.strip() for m in (getattr(args, "models", None) or "").split(",") if m.strip()]
+    kwargs["candidates"] = [c for c in (getattr(args, "candidates", None) or "").split(",") if c.strip()]
     kwargs.update(targets=list(args.targets), drop_leaks=args.drop_leaks, country=args.country,
                   water_l_per_kwh=args.water_l_per_kwh)
     return kwargs

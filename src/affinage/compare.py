@@ -6,6 +6,11 @@ own (not inflated by what earlier strategies left in memory), and every run is a
 Each also runs cold, with its own empty cache (AFFINAGE_CACHE_DIR, removed after the run): it decodes the images
 and extracts the frozen features itself, as it would alone. Sharing one cache would time every strategy after the
 first on the work the runs before it did, and "cheapest" would then favour whichever ran later.
+
+The choice is made on val, never on test (issue #11): "best" is the row `affinage.selection.choose` keeps from the
+runs' val_predictions.csv (the rule `train --strategy auto` applies), marked `auto_pick`; "cheapest adequate" is
+the cheapest row within 0.01 of that row's val accuracy. Test accuracy is shown beside them and never used to
+choose. `--target` expressions are checked on test by each run (metrics.json "targets"), and the summary says so.
 """
 from __future__ import annotations
 
@@ -23,23 +28,28 @@ from typing import Any
 
 from .config import COMPARE_STRATEGIES, check_strategy
 from .errors import AffinageError
-from .runfiles import read_metrics
+from .runfiles import PROBABILITY_PREFIX, read_metrics
 from .storage import atomic_path, write_text
 
 DEFAULT_STRATEGIES = COMPARE_STRATEGIES
-COLUMNS = ("strategy", "test_accuracy", "macro_f1", "trainable_params", "wall_seconds", "samples_per_second",
-           "peak_memory_mb", "energy_kwh", "co2_kg", "targets_met", "features_cached", "measured_as", "run_dir")
+COLUMNS = ("strategy", "auto_pick", "val_accuracy", "val_loss", "test_accuracy", "macro_f1", "trainable_params",
+           "wall_seconds", "samples_per_second", "peak_memory_mb", "energy_kwh", "co2_kg", "targets_met",
+           "features_cached", "measured_as", "run_dir")
 COLD = "cold run (own empty cache: decoding and feature extraction included)"
+ON_VAL = "best and auto_pick chosen on val; test shown, never used to choose"
+VAL_PREDICTIONS = "val_predictions.csv"
 
 
 @dataclass
 class Comparison:
     path: Path
     rows: list[dict[str, Any]]
-    best: str
+    best: str  # chosen on val (the row marked auto_pick)
     cheapest: str | None  # the cheapest strategy meeting the targets (None: none does)
     cost_measure: str  # "energy_kwh" or "wall_seconds"
     summary: str
+    auto_pick: str = ""  # the strategy `train --strategy auto`'s rule keeps among these rows (= best)
+    auto_reason: str = ""  # why, in words
 
 
 def _say(msg: str) -> None:
@@ -91,7 +101,8 @@ def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[s
         first = first or run_dir
         rows.append(row_from_run(name, run_dir, wall))
         r = rows[-1]
-        log(f"    test accuracy {r['test_accuracy']:.4f}, {r['wall_seconds']:.0f}s, "
+        log(f"    val accuracy {_fmt(r['val_accuracy'], '.4f')}, test accuracy {r['test_accuracy']:.4f}, "
+            f"{r['wall_seconds']:.0f}s, "
             f"{_fmt(r['energy_kwh'], '.2e')} kWh, peak {_fmt(r['peak_memory_mb'], '.0f')} MB")
     return finish(root, rows, targets, log)
 
@@ -101,8 +112,12 @@ def row_from_run(strategy: str, run_dir: Path, process_seconds: float) -> dict[s
     m = read_metrics(run_dir, required=True)
     timing, footprint = m.get("timing", {}), m.get("footprint") or {}
     checks = m.get("targets") or []
+    val = m.get("val") or {}
     return {
         "strategy": m.get("strategy", strategy),
+        "auto_pick": False,  # set by finish()
+        "val_accuracy": val.get("accuracy"),
+        "val_loss": val.get("loss", val.get("loss_calibrated")),  # train writes the temperature-scaled one
         "test_accuracy": m["test"]["accuracy"],
         "macro_f1": m["test"]["macro_f1"],
         "trainable_params": m["model"]["trainable_params"],
@@ -120,37 +135,141 @@ def row_from_run(strategy: str, run_dir: Path, process_seconds: float) -> dict[s
 
 def finish(root: Path, rows: list[dict[str, Any]], targets: Sequence[str],
            log: Callable[[str], None] = _say) -> Comparison:
-    """Pick the best and the cheapest adequate strategy; write the CSV, Markdown and PNG."""
-    best = max(rows, key=lambda r: (r["test_accuracy"], r["macro_f1"]))
+    """Pick the best (on val: auto's pick) and the cheapest adequate strategy; write the CSV, Markdown and PNG."""
+    k, reason, seen = choose_on_val(rows)
+    for i, r in enumerate(rows):
+        r["auto_pick"] = i == k
+        if seen is not None and not _finite(r.get("val_accuracy")):
+            r["val_accuracy"] = seen[i]  # metrics.json without it: the accuracy of its val predictions
+    best = rows[k]
     measure = "energy_kwh" if all(_number(r["energy_kwh"]) for r in rows) else "wall_seconds"
+    best_val = _val_accuracy(best)
     if targets:
         adequate = [r for r in rows if r["targets_met"]]
-        rule = f"meets {' and '.join(targets)}"
-    else:  # no stated target: within one point of the best accuracy
-        adequate = [r for r in rows if r["test_accuracy"] >= best["test_accuracy"] - 0.01]
-        rule = f"is within 0.01 of the best test accuracy ({best['test_accuracy']:.4f})"
+        rule = (f"meets {' and '.join(targets)} (targets are checked on test by each run, as its metrics.json "
+                f"reports; not a val choice)")
+    elif best_val is None:
+        adequate, rule = [], "is within 0.01 of the best val accuracy (no val accuracy to compare)"
+    else:  # no stated target: within one point of the best row's val accuracy
+        adequate = [r for r in rows if (_val_accuracy(r) if _val_accuracy(r) is not None else -1.0) >= best_val - 0.01]
+        rule = f"is within 0.01 of the best val accuracy ({best_val:.4f}) on val"
     cheapest = min(adequate, key=lambda r: r[measure]) if adequate else None
     unit = "kWh" if measure == "energy_kwh" else "s"
+    pick = f"auto would pick {best['strategy']} ({reason})"
     if cheapest is not None:
-        summary = (f"cheapest strategy that {rule}: {cheapest['strategy']} (test accuracy "
-                   f"{cheapest['test_accuracy']:.4f}, {cheapest[measure]:.3g} {unit}); best: {best['strategy']} "
-                   f"({best['test_accuracy']:.4f})")
+        summary = (f"{pick}; cheapest strategy that {rule}: {cheapest['strategy']} (val accuracy "
+                   f"{_fmt(_val_accuracy(cheapest), '.4f')}, test accuracy {cheapest['test_accuracy']:.4f}, "
+                   f"{cheapest[measure]:.3g} {unit}); best on val: {best['strategy']} (val accuracy "
+                   f"{_fmt(best_val, '.4f')}, test accuracy {best['test_accuracy']:.4f})")
     else:
-        summary = f"no strategy {rule}; best: {best['strategy']} ({best['test_accuracy']:.4f})"
+        summary = (f"{pick}; no strategy {rule}; best on val: {best['strategy']} (val accuracy "
+                   f"{_fmt(best_val, '.4f')}, test accuracy {best['test_accuracy']:.4f})")
     _write_csv(root / "compare.csv", rows)
     write_text(root / "compare.md", markdown_table(rows) + f"\nEvery row is a {COLD}, so wall times and energies "
-               f"compare.\n\n{summary}\n")
+               f"compare. {ON_VAL[0].upper() + ON_VAL[1:]}.\n\n{summary}\n")
     plot(rows, root / "compare.png")
     log(markdown_table(rows))
+    log(f"{ON_VAL}.")
     log(summary)
     log(f"written: {root / 'compare.csv'}, compare.md, compare.png")
-    return Comparison(root, rows, best["strategy"], cheapest["strategy"] if cheapest else None, measure, summary)
+    return Comparison(root, rows, best["strategy"], cheapest["strategy"] if cheapest else None, measure, summary,
+                      auto_pick=best["strategy"], auto_reason=reason)
+
+
+def choose_on_val(rows: Sequence[dict[str, Any]]) -> tuple[int, str, list[float] | None]:
+    """The index of the row `affinage.selection.choose` keeps from the runs' val predictions (cost: wall seconds),
+    the reason in words and each row's accuracy on those predictions (None in the fallback). Where a run has no
+    usable val_predictions.csv: the highest val accuracy of metrics.json (ties: the lower val loss, then the faster
+    run). Test figures never enter."""
+    from .selection import Scored, choose
+
+    val, why = _aligned_val(rows)
+    if val is not None:
+        y, probs = val
+        c = choose([Scored.from_probs(r["strategy"], p, float(r["wall_seconds"] or 0.0)) for r, p in zip(rows, probs)],
+                   y, what="strategy")
+        return c.index, c.reason, [t["val_accuracy"] for t in c.table]
+
+    def key(i: int) -> tuple[float, float, float]:
+        r = rows[i]
+        acc, loss = r.get("val_accuracy"), r.get("val_loss")
+        return (-(acc if _finite(acc) else -1.0), loss if _finite(loss) else math.inf,
+                r["wall_seconds"] if _finite(r["wall_seconds"]) else math.inf)
+
+    k = min(range(len(rows)), key=key)
+    return k, (f"{rows[k]['strategy']} has the highest val accuracy in metrics.json "
+               f"({_fmt(rows[k].get('val_accuracy'), '.4f')}); {why}, so auto's full rule (val log loss where val "
+               f"accuracy cannot separate) could not be applied"), None
+
+
+def read_val_predictions(run_dir: str | os.PathLike[str]) -> tuple[list[str], list[str], list[str], Any] | None:
+    """val_predictions.csv of a run (same format as test_predictions.csv): paths, labels, classes (the p:<class>
+    columns' order) and the (n, classes) probabilities; None where the file or its probability columns are missing."""
+    import numpy as np
+
+    from .data import PATH_ERRORS
+
+    path = Path(run_dir) / VAL_PREDICTIONS
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        body = list(reader)
+    col = {name: i for i, name in enumerate(header)}
+    prob_cols = [i for i, name in enumerate(header) if name.startswith(PROBABILITY_PREFIX)]
+    if "path" not in col or "label" not in col or not prob_cols:
+        return None
+    classes = [header[i][len(PROBABILITY_PREFIX):] for i in prob_cols]
+    probs = np.array([[float(r[i]) for i in prob_cols] for r in body], dtype=np.float64).reshape(len(body), len(classes))
+    return [r[col["path"]] for r in body], [r[col["label"]] for r in body], classes, probs
+
+
+def _aligned_val(rows: Sequence[dict[str, Any]]) -> tuple[tuple[Any, list[Any]] | None, str]:
+    """(labels as indices, one probability matrix per row), all on the same images in the same order and the same
+    class order; or None and why not."""
+    import numpy as np
+
+    read = []
+    for r in rows:
+        v = read_val_predictions(r.get("run_dir") or "")
+        if v is None:
+            return None, f"run {r['strategy']} has no {VAL_PREDICTIONS}"
+        read.append(v)
+    paths, labels, classes, _ = read[0]
+    index = {p: j for j, p in enumerate(paths)}
+    if len(index) != len(paths) or not paths:
+        return None, f"{VAL_PREDICTIONS} of {rows[0]['strategy']} is empty or lists an image twice"
+    lookup = {c: j for j, c in enumerate(classes)}
+    if any(label not in lookup for label in labels):
+        return None, f"{VAL_PREDICTIONS} of {rows[0]['strategy']} has a label without a probability column"
+    y = np.array([lookup[label] for label in labels], dtype=np.int64)
+    aligned = []
+    for r, (p_paths, p_labels, p_classes, probs) in zip(rows, read):
+        if sorted(p_paths) != sorted(paths) or sorted(p_classes) != sorted(classes):
+            return None, f"runs {rows[0]['strategy']} and {r['strategy']} were not scored on the same val images/classes"
+        where = {p: j for j, p in enumerate(p_paths)}
+        order = np.array([where[p] for p in paths], dtype=np.int64)
+        cols = np.array([p_classes.index(c) for c in classes], dtype=np.int64)
+        if [p_labels[j] for j in order] != labels:
+            return None, f"runs {rows[0]['strategy']} and {r['strategy']} disagree on val labels"
+        aligned.append(probs[order][:, cols])
+    return (y, aligned), ""
+
+
+def _val_accuracy(row: dict[str, Any]) -> float | None:
+    v = row.get("val_accuracy")
+    return float(v) if _finite(v) else None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     cols = [c for c in COLUMNS if c not in ("run_dir", "measured_as")]  # measured_as: said once, under the table
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    formats = {"test_accuracy": ".4f", "macro_f1": ".4f", "wall_seconds": ".1f", "samples_per_second": ".1f",
+    formats = {"val_accuracy": ".4f", "val_loss": ".4f", "test_accuracy": ".4f", "macro_f1": ".4f", "wall_seconds": ".1f", "samples_per_second": ".1f",
                "peak_memory_mb": ".0f", "energy_kwh": ".3e", "co2_kg": ".3e", "trainable_params": ",d"}
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[c], formats.get(c, "")) for c in cols) + " |")
@@ -169,7 +288,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for r, e in zip(rows, energies):
         ax.scatter(r["wall_seconds"], r["test_accuracy"], s=40 + 900 * e / top, alpha=0.6)
-        ax.annotate(r["strategy"], (r["wall_seconds"], r["test_accuracy"]), textcoords="offset points", xytext=(6, 4))
+        label = r["strategy"] + (" (auto's pick, on val)" if r.get("auto_pick") else "")
+        ax.annotate(label, (r["wall_seconds"], r["test_accuracy"]), textcoords="offset points", xytext=(6, 4))
     ax.set_xlabel("wall time (s)")
     ax.set_ylabel("test accuracy")
     ax.set_title("strategies: accuracy vs time (point area ~ energy)")

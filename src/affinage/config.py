@@ -11,7 +11,7 @@ import yaml
 
 from .errors import AffinageError
 
-STRATEGY_NAMES = ("linear-probe", "head", "partial:N", "full", "progressive", "lora", "auto")
+STRATEGY_NAMES = ("auto", "linear-probe", "head", "partial:N", "full", "progressive", "lora", "scratch")
 COMPARE_STRATEGIES = ("linear-probe", "head", "partial:2", "progressive", "full", "lora")  # `affinage compare`'s default
 AUGMENT_PRESETS = ("none", "light", "strong")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -22,7 +22,7 @@ def check_strategy(name: str) -> str:
     name = name.strip().lower()
     if name in ("linear-probe", "linear_probe", "probe"):
         return "linear-probe"
-    if name in ("head", "full", "progressive", "lora", "auto"):
+    if name in ("head", "full", "progressive", "lora", "auto", "scratch"):
         return name
     match = re.fullmatch(r"partial:(\d+)", name)
     if match and int(match.group(1)) >= 1:
@@ -37,7 +37,7 @@ class TrainConfig:
 
     data: str
     model: str = "efficientnet_lite0"
-    strategy: str = "linear-probe"
+    strategy: str = "auto"  # measured on val within `budget` (see auto.py); or one strategy by name
     seed: int = 0
     epochs: int | None = None
     lr: float | None = None  # peak LR of the head; backbone groups get less (layer decay / discriminative LRs)
@@ -71,6 +71,13 @@ class TrainConfig:
     drop_leaks: bool = False  # remove val/test images that duplicate a train image (see leaks.csv)
     country: str = "FRA"  # ISO 3166-1 alpha-3 code for codecarbon's offline carbon intensity
     water_l_per_kwh: float = 1.8  # litres of water per kWh: US data-centre average on-site WUE (see footprint.py)
+    budget: str | None = None  # auto's wall-clock allowance for the whole run, e.g. "10m" (None: 10m CPU / 30m GPU)
+    budget_factor: float | None = None  # auto: at most this many times the linear probe's cost (decode+features+probe)
+    models: list[str] = field(default_factory=list)  # backbones to rank by a tuned probe on val (--model auto: built-ins)
+    candidates: list[str] = field(default_factory=list)  # auto: only these strategies (default: all, in auto's order)
+    interpolate: str = "auto"  # WiSE-FT: auto (alpha chosen on val among 0.5, 0.75, 1), none, or an alpha in (0, 1]
+    tta: str = "auto"  # flip test-time augmentation: auto (kept where it helps on val), on, off
+    refit: str = "auto"  # refit the kept configuration on train+val: auto (the probe only: cheap), on, off
     resume: bool = False  # continue an interrupted run in the same --out from its last checkpoint
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -79,6 +86,26 @@ class TrainConfig:
 
         object.__setattr__(self, "strategy", check_strategy(self.strategy))
         parse_targets(self.targets)  # a typo in --target fails now, before any run starts (classes: checked later)
+        object.__setattr__(self, "candidates", [check_strategy(c) for c in self.candidates])
+        if "auto" in self.candidates:
+            raise AffinageError("'auto' cannot be one of auto's candidates", "list strategies, e.g. linear-probe,partial:2")
+        for name, value, choices in (("tta", self.tta, ("auto", "on", "off")), ("refit", self.refit, ("auto", "on", "off"))):
+            if value not in choices:
+                raise AffinageError(f"unknown {name} '{value}'", f"choose one of {', '.join(choices)}")
+        if self.interpolate not in ("auto", "none"):
+            try:
+                alpha = float(self.interpolate)
+            except ValueError:
+                alpha = -1.0
+            if not 0 < alpha <= 1:
+                raise AffinageError(f"interpolate must be auto, none or an alpha in (0, 1], got '{self.interpolate}'",
+                                    "pass e.g. --interpolate auto or --interpolate 0.5")
+        if self.budget is not None:
+            from .auto import parse_budget
+
+            parse_budget(self.budget)
+        if self.budget_factor is not None and not self.budget_factor > 0:
+            raise AffinageError(f"budget_factor must be > 0, got {self.budget_factor}", "pass e.g. --budget-factor 20")
         if self.min_per_class is not None and self.min_per_class < 1:
             raise AffinageError(f"min_per_class must be >= 1, got {self.min_per_class}", "pass e.g. --min-per-class 3")
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum}

@@ -77,8 +77,11 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def run_batches(fn: Callable[[torch.Tensor], torch.Tensor], pixels: np.ndarray, indices: list[int], pp: Preprocessing,
                 device: torch.device, dtype: torch.dtype | None, batch_size: int | None = None, desc: str = "",
-                progress: bool = True, sharded: bool = True) -> torch.Tensor:
+                progress: bool = True, sharded: bool = True, flip_tta: bool = False) -> torch.Tensor:
     """Apply `fn` to the eval-transformed images at `indices`, batch by batch; float32 CPU output, one row per index.
+
+    `flip_tta` (fn returns logits): the log of the mean of the plain and horizontally mirrored images' probabilities
+    (fastai's `tta` with a flip), which is what a run trained with `--tta` kept reports and predicts.
 
     In a multi-process run (`sharded`, the default; every process must call it) each process runs only its shard
     of `indices` and the rows are gathered back in order, so every process returns the same full tensor. Fewer
@@ -88,9 +91,18 @@ def run_batches(fn: Callable[[torch.Tensor], torch.Tensor], pixels: np.ndarray, 
     progress = progress and distributed.is_main()
     if sharded and distributed.world_size() > 1 and len(indices) >= distributed.world_size():
         mine = distributed.shard(indices)
-        local = _run_local(fn, pixels, mine, pp, device, dtype, batch_size, desc, progress)
+        local = _run_local(_flipped(fn) if flip_tta else fn, pixels, mine, pp, device, dtype, batch_size, desc,
+                           progress)
         return distributed.gather(local)
-    return _run_local(fn, pixels, indices, pp, device, dtype, batch_size, desc, progress)
+    return _run_local(_flipped(fn) if flip_tta else fn, pixels, indices, pp, device, dtype, batch_size, desc, progress)
+
+
+def _flipped(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def both(x: torch.Tensor) -> torch.Tensor:
+        probs = (torch.softmax(fn(x).float(), 1) + torch.softmax(fn(x.flip(3)).float(), 1)) / 2
+        return torch.log(probs.clamp_min(1e-12))
+
+    return both
 
 
 def _run_local(fn: Callable[[torch.Tensor], torch.Tensor], pixels: np.ndarray, indices: list[int], pp: Preprocessing,

@@ -1,6 +1,6 @@
 """The pipeline. `finetune` reads as its stages, each a function over typed state, usable alone from Python:
 
-    load_data -> build_backbone -> open_run_dir -> prepare_data -> extract_features -> plan_training
+    load_data -> choose_backbone -> build_backbone -> open_run_dir -> prepare_data -> extract_features -> plan_training
     -> train_model -> evaluate_model -> write_run
 
 Under `torchrun`/`accelerate launch` every process runs every stage; only the main one writes the run directory
@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,11 @@ from .data import (
 from .errors import AffinageError
 from .labels import LabelSpace
 from .runfiles import (
-    CHECKPOINT_DIR,
     HeadInfo,
     ModelInfo,
     prepare_run_dir,
     remove_checkpoints,
     resume_run_dir,
-    save_adapter,
     write_config,
     write_history,
     write_metrics,
@@ -61,7 +59,7 @@ from .saved import Run
 from .seeding import seeded, stage_seed
 from .storage import digest
 
-__all__ = ["finetune", "Run", "evaluate_run", "load_data", "build_backbone", "open_run_dir", "prepare_data",
+__all__ = ["finetune", "Run", "evaluate_run", "load_data", "choose_backbone", "build_backbone", "open_run_dir", "prepare_data",
            "extract_features", "plan_training", "train_model", "evaluate_model", "write_run"]
 
 
@@ -81,6 +79,7 @@ class Backbone:
     card_key: str | None
     preprocessing: Preprocessing
     seconds: float
+    ranking: Any = None  # ranking.Ranking of --models / --model auto, or None
 
 
 @dataclass(frozen=True)
@@ -115,6 +114,7 @@ class Plan:
     evidence: dict[str, Any] | None
     device: Any
     precision: Any  # inference.Precision
+    candidates: tuple[str, ...] = ()  # the strategies to try, in order (one for a named strategy)
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,8 @@ class Trained:
     probe: Any  # FitResult of the head on features, or None
     fine_tune: Any  # FitResult of the fine-tuning phase, or None
     seconds: float
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # every candidate tried: val figures, cost, status
+    extras: dict[str, Any] = field(default_factory=dict)  # tta, wise_alpha, refit, probe_C: what was kept and why
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ class Evaluation:
 # ----------------------------------------------------------------------------------------------
 # finetune
 # ----------------------------------------------------------------------------------------------
-def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "linear-probe",
+def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "auto",
              out: str | os.PathLike[str] | None = None, progress: bool = True,
              log: Callable[[str], None] = _say, **options: Any) -> Run:
     """Adapt a pretrained backbone to labelled images and write a complete run directory.
@@ -156,14 +158,15 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "line
     started = time.perf_counter()
     try:
         images = load_data(cfg)
-        backbone = build_backbone(cfg)
+        cfg, ranking = choose_backbone(cfg, images, progress, log)
+        backbone = replace(build_backbone(cfg), ranking=ranking)
         run_dir = open_run_dir(cfg, out)
         log(f"affinage: {cfg.strategy} on {images.description} with {cfg.model} -> {run_dir}")
         prepared = prepare_data(cfg, images, backbone.preprocessing, run_dir, progress, log)
         plan = plan_device(cfg)
         backbone, features = extract_features(cfg, backbone, prepared, plan, progress, log)
         plan = plan_training(cfg, backbone, prepared, features, plan, log)
-        trained = train_model(cfg, plan, backbone, prepared, features, run_dir, progress, log)
+        plan, trained = train_model(cfg, plan, backbone, prepared, features, run_dir, progress, log)
         evaluation = evaluate_model(plan, trained, prepared, features, progress)
         return write_run(run_dir, cfg, images, backbone, prepared, features, plan, trained, evaluation,
                          footprint, started, log)
@@ -189,6 +192,18 @@ def load_data(cfg: TrainConfig) -> LabelledImages:
     if cfg.min_per_class is None:  # classes too small to split even if every file decodes: refused before any run dir
         refuse_small_classes(images.samples, any(s.split is not None for s in images.samples), usable=False)
     return images
+
+
+def choose_backbone(cfg: TrainConfig, images: LabelledImages, progress: bool,
+                    log: Callable[[str], None]) -> tuple[TrainConfig, Any]:
+    """`--models a,b,c` / `--model auto`: the backbone whose tuned probe does best on val (the smaller where val
+    cannot separate them); the config then names it. Otherwise the config as it is."""
+    from .ranking import candidate_models, rank_backbones
+
+    if not candidate_models(cfg):
+        return cfg, None
+    ranking = rank_backbones(cfg, images, log, progress)
+    return cfg.replace(model=ranking.chosen), ranking
 
 
 def build_backbone(cfg: TrainConfig) -> Backbone:
@@ -311,49 +326,42 @@ def extract_features(cfg: TrainConfig, backbone: Backbone, data: PreparedData, p
 
 def plan_training(cfg: TrainConfig, backbone: Backbone, data: PreparedData, features: Features, plan: Plan,
                   log: Callable[[str], None]) -> Plan:
-    """The strategy (auto: chosen from the training split's features) and its effective hyper-parameters."""
-    from .strategies import choose_strategy, get_strategy
+    """The candidates to try, in order (auto: the guides' rule of thumb from the train split's evidence orders them;
+    a named strategy: that one), and the budget they share."""
+    from .auto import describe_evidence, domain_evidence, trial_order
+    from .search import resolve_hp
+    from .strategies import get_strategy
 
-    train = data.splits.train
-    evidence = None
-    if cfg.strategy == "auto":
-        pretrained = backbone.net.pretrained_head.linear() if backbone.net.pretrained_head is not None else None
-        choice = choose_strategy(features.values[train], data.y[train], pretrained, stage_seed(cfg.seed, "auto"))
-        strategy, reason, evidence = get_strategy(choice.strategy), choice.reason, choice.evidence
-        log(reason)
-    else:
+    if cfg.strategy != "auto":
         strategy = get_strategy(cfg.strategy)
-        reason = f"{strategy.name}, as requested"
-    hp = strategy.resolve(cfg, len(train))
-    if not strategy.uses_cached_features:
-        net, pp = backbone.net, backbone.preprocessing
-        hp["train_image_size"] = cfg.train_image_size or (_round_to(pp.input_size * 0.8, 16) if net.flexible_input_size
-                                                          else pp.input_size)
-    return replace(plan, strategy=strategy, hp=hp, reason=reason, evidence=evidence)
+        return replace(plan, strategy=strategy, hp=resolve_hp(cfg, strategy, backbone, len(data.splits.train)),
+                       reason=f"{strategy.name}, as requested", candidates=(strategy.name,))
+    train = data.splits.train
+    pretrained = backbone.net.pretrained_head.linear() if backbone.net.pretrained_head is not None else None
+    evidence = domain_evidence(features.values[train], data.y[train], pretrained, stage_seed(cfg.seed, "auto"))
+    order, why = trial_order(evidence)
+    if cfg.candidates:  # the user's list, in the evidence's order where it names the same strategies
+        order = [n for n in order if n in cfg.candidates] + [n for n in cfg.candidates if n not in order]
+    log(f"auto: trying {', '.join(order)} ({why}; {describe_evidence(evidence)})")
+    return replace(plan, reason=f"order of trial: {why} ({describe_evidence(evidence)})", evidence={**evidence, "order": order}, candidates=tuple(order))
 
 
 def train_model(cfg: TrainConfig, plan: Plan, backbone: Backbone, data: PreparedData, features: Features,
-                run_dir: Path, progress: bool, log: Callable[[str], None]) -> Trained:
-    """Fit the head on the frozen features (the whole training of frozen strategies, the start of the others),
-    then fine-tune the backbone when the strategy unfreezes it."""
-    strategy, t0 = plan.strategy, time.perf_counter()
-    num_features = backbone.net.num_features if backbone.net is not None else backbone.card.num_features
-    head = _new_head(cfg, num_features, data.labels, strategy.head_hidden, backbone.net)
-    history: list[dict[str, Any]] = []
-    probe = fitted = None
-    if features.values is not None:
-        head, probe = _fit_head(cfg, plan, head, features, data, run_dir, log)
-        history += probe.as_rows()
-    net = backbone.net
-    if net is not None:
-        net.set_head(net.task, head, strategy.head_hidden, data.labels)
-    if not strategy.uses_cached_features:
-        if cfg.head_init == "random":
-            net.set_head(net.task, _new_head(cfg, num_features, data.labels, strategy.head_hidden, None, "head-random"),
-                         strategy.head_hidden, data.labels)
-        net, fitted = _fine_tune(cfg, plan, net, data, run_dir, progress, log)
-        history += fitted.as_rows()
-        head = net.head
+                run_dir: Path, progress: bool, log: Callable[[str], None]) -> tuple[Plan, Trained]:
+    """Train every candidate of the plan on train, measured on val (the test split is not given to them), keep the
+    one `selection.choose` prefers, then the switches that help on val (WiSE-FT, flip TTA) and the refit."""
+    from .search import run_search
+
+    t0 = time.perf_counter()
+    unseen = replace(data, splits=Splits(data.splits.train, data.splits.val, [], data.splits.how))  # no test
+    outcome = run_search(cfg, plan, backbone, unseen, features, run_dir, progress, log)
+    plan = replace(plan, strategy=outcome.strategy, hp=outcome.hp,
+                   reason=outcome.reason if cfg.strategy == "auto" else plan.reason,
+                   evidence={**(plan.evidence or {}), "selection": outcome.selection} if cfg.strategy == "auto"
+                   else plan.evidence)
+    net, head = outcome.net, outcome.head
+    if net is not None:  # frozen winners: the kept head goes on the backbone (fine-tuned ones already carry it)
+        net.set_head(net.task, head, outcome.strategy.head_hidden, data.labels)
     head.eval()
     for p in head.parameters():
         p.requires_grad_(False)
@@ -361,27 +369,20 @@ def train_model(cfg: TrainConfig, plan: Plan, backbone: Backbone, data: Prepared
         net = net.cpu().eval()
         for p in net.parameters():
             p.requires_grad_(False)
-    return Trained(net, head, history, probe, fitted, time.perf_counter() - t0)
+    return plan, Trained(net, head, outcome.history, outcome.probe, outcome.fine_tune, time.perf_counter() - t0,
+                         outcome.candidates, outcome.extras)
 
 
 def evaluate_model(plan: Plan, trained: Trained, data: PreparedData, features: Features,
                    progress: bool) -> Evaluation:
-    """Test logits and metrics, computed once over the whole test split, the way `affinage eval` re-evaluates the
-    saved run: frozen backbones through the head on the cached features, others through the whole model."""
-    import torch
-
+    """Test logits and metrics of the kept model, computed once over the whole test split (the only time the test
+    split is used), the way `affinage eval` re-evaluates the saved run."""
     from .evaluate import classification_metrics
-    from .inference import run_batches
+    from .search import split_logits
 
     t0, test = time.perf_counter(), data.splits.test
-    if plan.strategy.uses_cached_features:
-        with torch.no_grad():
-            logits = trained.head(features.values[test]).numpy()
-    else:
-        model = trained.net.to(plan.device).to(memory_format=torch.channels_last)
-        logits = run_batches(model, data.decoded.pixels, test, trained.net.preprocessing, plan.device,
-                             plan.precision.inference_dtype, progress=progress).numpy()
-        trained.net.cpu()
+    logits = split_logits(plan, trained.net, trained.head, data, features, test, trained.extras.get("tta", False),
+                          progress)
     metrics = classification_metrics(logits, data.y[test], list(data.labels.classes))
     return Evaluation(logits, metrics, time.perf_counter() - t0)
 
@@ -400,6 +401,10 @@ def write_run(run_dir: Path, cfg: TrainConfig, images: LabelledImages, backbone:
         samples, hashes = data.decoded.samples, data.decoded.hashes
         write_predictions(run_dir / "test_predictions.csv", [samples[i].key for i in test], [hashes[i] for i in test],
                           [samples[i].label for i in test], softmax(evaluation.logits), list(data.labels.classes))
+        val, val_logits = data.splits.val, trained.extras.get("val_logits")
+        if val_logits is not None:  # what the choice was made on (affinage compare chooses on these)
+            write_predictions(run_dir / "val_predictions.csv", [samples[i].key for i in val], [hashes[i] for i in val],
+                              [samples[i].label for i in val], softmax(val_logits), list(data.labels.classes))
         metrics = _metrics(cfg, images, backbone, data, features, plan, trained, evaluation, started)
         metrics["footprint"] = footprint.stop()
         write_history(run_dir, trained.history)
@@ -437,81 +442,6 @@ def _on_main(make: Callable[[], Path]) -> Path:
     return Path(value)
 
 
-def _new_head(cfg: TrainConfig, num_features: int, labels: LabelSpace, hidden: int | None, net: Any,
-              stage: str = "head") -> Any:
-    """A fresh head for the task, seeded for its own stage; a starting run's head when its label space is the same
-    (a run continued on the same classes keeps what it learned)."""
-    from .backbones import make_head
-
-    with seeded(cfg.seed, stage):
-        head = make_head(num_features, len(labels), hidden)
-    start = getattr(net, "pretrained_head", None) if net is not None else None
-    if start is not None and start.labels.classes == labels.classes and start.hidden == hidden:
-        head.load_state_dict(start.layer.state_dict())
-    return head
-
-
-def _fit_head(cfg: TrainConfig, plan: Plan, head: Any, features: Features, data: PreparedData, run_dir: Path,
-              log: Callable[[str], None]) -> tuple[Any, Any]:
-    """Train the head on the cached features (the whole training of linear-probe/head; the LP of LP-FT otherwise)."""
-    import torch
-
-    from .strategies import decay_groups, get_strategy
-    from .train import LoopSettings, fit
-
-    strategy = plan.strategy
-    hp = plan.hp if strategy.uses_cached_features else get_strategy("linear-probe").resolve(
-        TrainConfig(data=cfg.data, seed=cfg.seed))
-    feats, y = features.values, torch.as_tensor(data.y)
-    tensors = {name: torch.utils.data.TensorDataset(feats[idx], y[idx]) for name, idx in data.splits.items()}
-    groups = decay_groups("head", list(head.named_parameters()), hp["lr"], hp["weight_decay"])
-    phase = "head" if strategy.uses_cached_features else "head-init"
-    result = fit(head, tensors["train"], tensors["val"], groups,
-                 LoopSettings(epochs=hp["epochs"], batch_size=hp["batch_size"], warmup_epochs=cfg.warmup_epochs,
-                              patience=hp["patience"], num_workers=0, phase=phase, progress=False,
-                              checkpoint=run_dir / CHECKPOINT_DIR / "head.pt", checkpoint_every=10.0,
-                              distributed=False, **_loop_settings(cfg, plan, data, phase)),
-                 log=log)
-    head = head.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
-    log(f"head on frozen features: val accuracy {result.best_val_accuracy:.3f} (epoch {result.best_epoch})")
-    return head, result
-
-
-def _fine_tune(cfg: TrainConfig, plan: Plan, net: Any, data: PreparedData, run_dir: Path, progress: bool,
-               log: Callable[[str], None]) -> tuple[Any, Any]:
-    """Train the blocks the strategy unfreezes (and the head) on augmented images; LoRA merges its adapters."""
-    from .data import PixelDataset, eval_transform, train_transform
-    from .strategies import set_norms_eval
-    from .train import LoopSettings, default_workers, fit
-
-    strategy, hp, pp, splits, y = plan.strategy, plan.hp, net.preprocessing, data.splits, data.y
-    workers = cfg.num_workers if cfg.num_workers is not None else default_workers()
-    train_size = hp["train_image_size"] if hp["train_image_size"] != pp.input_size else None
-    train_ds = PixelDataset(data.decoded.pixels, splits.train, y[splits.train].tolist(),
-                            train_transform(pp, hp["augment"], train_size))
-    val_ds = PixelDataset(data.decoded.pixels, splits.val, y[splits.val].tolist(), eval_transform(pp))
-    module = strategy.wrap(net, hp)
-    groups = strategy.param_groups(module, hp)
-    strategy.apply(module, 0, hp["epochs"])
-    result = fit(module, train_ds, val_ds, groups,
-                 LoopSettings(epochs=hp["epochs"], batch_size=hp["batch_size"], warmup_epochs=cfg.warmup_epochs,
-                              patience=hp["patience"], num_workers=workers, phase="fine-tune", progress=progress,
-                              checkpoint=run_dir / CHECKPOINT_DIR / "fine-tune.pt",
-                              **_loop_settings(cfg, plan, data, "fine-tune")),
-                 on_epoch_start=lambda e: strategy.apply(module, e, hp["epochs"]),
-                 after_train_mode=lambda m: set_norms_eval(m, not cfg.train_bn_stats), log=log)
-    if module is not net:  # LoRA: keep the adapter (with its head) as peft saves it, then merge for inference
-        if dist.is_main():
-            save_adapter(run_dir, module)
-        net = strategy.unwrap(module)
-    return net, result
-
-
-def _loop_settings(cfg: TrainConfig, plan: Plan, data: PreparedData, phase: str) -> dict[str, Any]:
-    return dict(label_smoothing=cfg.label_smoothing, seed=stage_seed(cfg.seed, phase), precision=plan.precision,
-                grad_accum=cfg.grad_accum, checkpoint_key=data.key)
-
-
 def _write_model(run_dir: Path, plan: Plan, backbone: Backbone, trained: Trained, labels: LabelSpace) -> None:
     from .labels import DEFAULT_TASK
 
@@ -523,7 +453,8 @@ def _write_model(run_dir: Path, plan: Plan, backbone: Backbone, trained: Trained
         card = backbone.card
         state, spec, pp, task = card.state_dict(trained.head, DEFAULT_TASK), card.spec, card.preprocessing, DEFAULT_TASK
     info = ModelInfo(spec.to_dict(), pp, {task: HeadInfo(labels, hidden)}, strategy.name, plan.precision.inference,
-                     "features" if strategy.uses_cached_features else "pixels", task)
+                     "features" if strategy.uses_cached_features else "pixels", task,
+                     extra={"tta": True} if trained.extras.get("tta") else {})
     write_model(run_dir, state, info)
 
 
@@ -546,9 +477,13 @@ def _metrics(cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data:
         **({"strategy_evidence": plan.evidence} if plan.evidence is not None else {}),
         "task": data.labels.task,
         "test": evaluation.test,
-        "val": {"accuracy": last.best_val_accuracy if last is not None else None,
+        "val": {**trained.extras.get("val", {}),
                 "kept_phase": last.history[0].phase if last is not None else None,
                 "kept_epoch": last.best_epoch if last is not None else None},
+        "candidates": trained.candidates,
+        **({"backbone_choice": {"chosen": backbone.ranking.chosen, "reason": backbone.ranking.reason,
+                                "candidates": backbone.ranking.table}} if backbone.ranking is not None else {}),
+        "last_points": {k: v for k, v in trained.extras.items() if k not in ("val", "val_logits")},
         "diverged": last.diverged if last is not None else None,  # NaN/inf loss: why training stopped
         "hyperparameters": dict(plan.hp),
         "data": {"source": images.description, "classes": classes, "label_source": data.labels.source,
@@ -652,10 +587,6 @@ def _write_report(run_dir: Path, log: Callable[[str], None]) -> None:
     except Exception as exc:  # matplotlib/font problems: the run itself is complete, the user must still know
         raise AffinageError(f"the run in '{run_dir}' is complete, but report.html could not be written "
                             f"({type(exc).__name__}: {exc})", f"retry with `affinage report {run_dir}`") from exc
-
-
-def _round_to(value: float, multiple: int) -> int:
-    return max(multiple, int(round(value / multiple)) * multiple)
 
 
 def _check_split_classes(samples: Sequence[Sample], splits: Splits, labels: LabelSpace) -> None:

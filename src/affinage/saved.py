@@ -78,12 +78,19 @@ class Run:
         device = default_device()
         model = self.model.to(device).to(memory_format=torch.channels_last)
         idx = list(range(len(pixels))) if indices is None else indices
-        return run_batches(model, pixels, idx, self.preprocessing, device, self.dtype(device), progress=progress).numpy()
+        return run_batches(model, pixels, idx, self.preprocessing, device, self.dtype(device), progress=progress,
+                           flip_tta=self.tta).numpy()
+
+    @property
+    def tta(self) -> bool:
+        """True: the run kept flip test-time augmentation (it helped on val); every prediction averages the plain
+        and mirrored images' probabilities, as the test figures did."""
+        return bool(self.info.extra.get("tta", False))
 
     def split_logits(self, pixels: Any, hashes: Sequence[str], indices: list[int], progress: bool = False) -> np.ndarray:
         """Logits for some rows of a decoded dataset, the way the run was evaluated: a frozen backbone's head on the
         (cached) features of every row, others through the whole model."""
-        if self.info.evaluated_on != "features":
+        if self.info.evaluated_on != "features" or self.tta:  # TTA: the mirrored images have no cached features
             return self.logits(pixels, indices, progress=progress)
         import torch
 

@@ -125,6 +125,17 @@ class Full(Strategy):
         return len(model.block_names) + 1
 
 
+class Scratch(Strategy):
+    """The same architecture from random weights, every parameter training: the negative-transfer check (does the
+    pretrained start help at all?). Longer, strongly augmented, no layer decay, BatchNorm statistics trained."""
+
+    name = "scratch"
+    defaults = Defaults(epochs=10, lr=2e-3, weight_decay=0.05, layer_decay=1.0, augment="strong", patience=5)
+
+    def trainable_depth(self, model: ImageClassifier, epoch: int, epochs: int) -> int:
+        return len(model.block_names) + 1
+
+
 class Progressive(Strategy):
     """Head first (fitted on frozen features), then blocks unfrozen from the top, a few more each epoch,
     each deeper block at a lower LR (fastai's discriminative LRs)."""
@@ -196,82 +207,8 @@ def get_strategy(name: str) -> Strategy:
     name = check_strategy(name)
     if name.startswith("partial:"):
         return Partial(int(name.split(":")[1]))
-    return {"linear-probe": LinearProbe, "head": Head, "full": Full, "progressive": Progressive, "lora": Lora}[name]()
-
-
-# ----------------------------------------------------------------------------------------------
-# auto: choose from data size and domain distance
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AutoChoice:
-    strategy: str
-    reason: str
-    evidence: dict[str, Any]
-
-
-NEAR_KNN = 0.80  # frozen features already separate the classes this well (chance-corrected k-NN): the domain is near
-NEAR_ENTROPY = 0.45  # the backbone's own predictions on the new images are this sure (1 = uniform over its classes)
-SMALL_PER_CLASS = 250  # fewer training images per class than this: little data
-FAR_FEW_PER_CLASS = 50  # far domain with fewer images per class than this: unfreeze gradually (progressive)
-
-
-def choose_strategy(features: Any, labels: Any, pretrained_head: tuple[Any, Any] | None = None,
-                    seed: int = 0) -> AutoChoice:
-    """Pick a strategy from the training split only: class count, images per class, and domain distance measured
-    as (a) how well a k-NN on the frozen features separates the classes (leave-one-out, chance-corrected) and
-    (b) how unsure the backbone's own pretrained classifier is about the images (normalised entropy).
-
-    Near domain + little data -> linear-probe (frozen, features cached); near + plenty -> partial:2;
-    far domain -> progressive (little data) or full (plenty)."""
-    import numpy as np
-    import torch
-
-    feats = torch.as_tensor(features).float()
-    y = np.asarray(labels)
-    classes, counts = np.unique(y, return_counts=True)
-    n_classes, per_class = len(classes), int(np.median(counts))
-    rng = np.random.default_rng(seed)
-    keep = np.sort(rng.choice(len(y), size=min(len(y), 3000), replace=False))
-    f = torch.nn.functional.normalize(feats[keep], dim=1)
-    sims = f @ f.T
-    sims.fill_diagonal_(-2.0)
-    k = min(5, len(keep) - 1)
-    neighbours = sims.topk(k, dim=1).indices.numpy()
-    votes = y[keep][neighbours]
-    pred = np.array([np.bincount(v, minlength=int(y.max()) + 1).argmax() for v in votes])
-    knn = float((pred == y[keep]).mean())
-    chance = float(counts.max() / counts.sum())
-    knn_gain = (knn - chance) / max(1e-9, 1 - chance)
-    entropy = None
-    if pretrained_head is not None:
-        w, b = pretrained_head
-        logp = torch.log_softmax(feats[keep] @ w.float().T + b.float(), dim=1)
-        entropy = float((-(logp.exp() * logp).sum(1)).mean() / math.log(w.shape[0]))
-    near = knn_gain >= NEAR_KNN and (entropy is None or entropy <= NEAR_ENTROPY)
-    small = per_class < SMALL_PER_CLASS
-    if near:
-        strategy = "linear-probe" if small else "partial:2"
-    else:
-        strategy = "progressive" if per_class < FAR_FEW_PER_CLASS else "full"
-    bits = [f"{n_classes} classes, median {per_class} training images per class",
-            f"a 5-NN on frozen features reaches {knn:.2f} on train (chance {chance:.2f}, chance-corrected {knn_gain:.2f}; "
-            f"near needs >= {NEAR_KNN})"]
-    if entropy is not None:
-        bits.append(f"the backbone's own classifier is {'sure' if entropy <= NEAR_ENTROPY else 'unsure'} about these "
-                    f"images (normalised entropy {entropy:.2f}; near needs <= {NEAR_ENTROPY})")
-    verdict = {("near", True): "the images look like what the backbone already knows and data are few, so the frozen "
-                               "features are the safest bet",
-               ("near", False): f"the images look familiar and there is enough data (>= {SMALL_PER_CLASS} per class) "
-                                "to adapt the top blocks",
-               ("far", True): "the images are far from what the backbone knows, so its layers must adapt; with under "
-                              f"{FAR_FEW_PER_CLASS} images per class, unfreeze gradually",
-               ("far", False): "the images are far from what the backbone knows and there are enough of them "
-                               f"(>= {FAR_FEW_PER_CLASS} per class) to fine-tune everything"}[("near" if near else "far", per_class < (SMALL_PER_CLASS if near else FAR_FEW_PER_CLASS))]
-    reason = f"auto chose {strategy}: {verdict} — " + "; ".join(bits) + "."
-    evidence = {"classes": n_classes, "images_per_class": per_class, "knn_accuracy": round(knn, 4),
-                "chance": round(chance, 4), "knn_gain": round(knn_gain, 4),
-                "pretrained_entropy": None if entropy is None else round(entropy, 4), "near_domain": near}
-    return AutoChoice(strategy, reason, evidence)
+    return {"linear-probe": LinearProbe, "head": Head, "full": Full, "progressive": Progressive, "lora": Lora,
+            "scratch": Scratch}[name]()
 
 
 # ----------------------------------------------------------------------------------------------

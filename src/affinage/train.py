@@ -80,6 +80,7 @@ class FitResult:
     samples_seen: int = 0
     diverged: str | None = None  # why training stopped on a NaN/inf loss; the weights are the best ones before it
     resumed_after: int | None = None  # the last epoch restored from a checkpoint, if any
+    stop_reason: str | None = None  # why `LoopSettings.stop` ended the phase early (budget, cannot catch the best)
 
     def as_rows(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.history]
@@ -107,6 +108,9 @@ class LoopSettings:
     # False trains the same model in every process on all the data (a head on cached features: its epochs take
     # milliseconds, which communication would only slow down). One process: no difference.
     distributed: bool = True
+    # asked after every epoch but the last with (epoch, val loss, val accuracy, epoch seconds): a reason to stop now
+    # (auto's budget and successive halving), or None to go on. The best weights so far are kept, as for patience.
+    stop: Callable[[int, float, float, float], str | None] | None = None
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -365,6 +369,7 @@ class _Loop:
         save_checkpoint(settings.checkpoint, state)
 
 
+# long-function: the epoch loop with its stop rules (divergence, patience, LoopSettings.stop) read in order
 def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str, Any]], settings: LoopSettings,
         on_epoch_start: Callable[[int], int] | None = None, after_train_mode: Callable[[nn.Module], None] | None = None,
         log: Callable[[str], None] = print) -> FitResult:
@@ -430,6 +435,11 @@ def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str
         if loop.bad_epochs >= settings.patience and epoch < settings.epochs:
             result.stopped_early = True
             log(f"  early stop: val accuracy has not improved for {settings.patience} epochs (best: epoch {result.best_epoch})")
+        if not result.stopped_early and settings.stop is not None and epoch < settings.epochs:
+            why = settings.stop(epoch, val_loss, val_acc, record.seconds)
+            if why:
+                result.stopped_early, result.stop_reason = True, why
+                log(f"  {settings.phase}: stopped after epoch {epoch}: {why}")
         finished = result.stopped_early or epoch == settings.epochs
         result.train_seconds = spent_before + time.perf_counter() - start
         if not finished and time.perf_counter() - last_checkpoint >= settings.checkpoint_every:
