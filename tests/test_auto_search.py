@@ -69,10 +69,6 @@ def test_small_val_ties_go_to_the_lower_calibrated_loss():
 def test_cheaper_wins_where_val_cannot_separate():
     y = np.array([0, 1] * 10)
     same = np.where(np.eye(2)[y] > 0, 2.0, -2.0)
-    for big, small in ((same, same * 1.01), (same * 1.01, same)):
-        choice = choose([Scored.from_logits("big", big, cost=100.0), Scored.from_logits("small", small, cost=5.0)],
-                        y, prefer_cheaper=True)
-        assert choice.name == "small"
     noisy = same.copy()
     noisy[0] = -noisy[0]  # one error more in 20: within noise of the bigger one
     choice = choose([Scored.from_logits("big", same, cost=100.0), Scored.from_logits("small", noisy, cost=5.0)], y,

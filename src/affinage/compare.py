@@ -187,7 +187,7 @@ def choose_on_val(rows: Sequence[dict[str, Any]]) -> tuple[int, str, list[float]
     if val is not None:
         y, probs = val
         c = choose([Scored.from_probs(r["strategy"], p, float(r["wall_seconds"] or 0.0)) for r, p in zip(rows, probs)],
-                   y, what="strategy")
+                   y, prefer_cheaper=True, what="strategy")  # the rule auto applies to its candidates
         return c.index, c.reason, [t["val_accuracy"] for t in c.table]
 
     def key(i: int) -> tuple[float, float, float]:

@@ -123,7 +123,7 @@ def run_search(cfg: TrainConfig, plan: Any, backbone: Any, data: Any, features: 
             + (f"; {cand.row['status']}" if stopped else ""))
         done.append(cand)
         rows.append(cand.row)
-    choice = choose([Scored.from_logits(c.name, c.val_logits, c.seconds) for c in done], yv)
+    choice = choose([Scored.from_logits(c.name, c.val_logits, c.seconds) for c in done], yv, prefer_cheaper=True)
     winner = done[choice.index]
     for row in rows:
         scored = next((t for t in choice.table if t["name"] == row["strategy"]), None)
@@ -260,7 +260,8 @@ def _last_points(cfg: TrainConfig, plan: Any, winner: Candidate, backbone: Any, 
         if cfg.tta == "on":
             tta = True
         else:
-            pick = choose([Scored.from_logits("plain", logits), Scored.from_logits("flip", flipped)], yv)
+            pick = choose([Scored.from_logits("plain", logits, 1.0), Scored.from_logits("flip", flipped, 2.0)], yv,
+                          prefer_cheaper=True)
             tta = pick.name == "flip"
         extras["tta_reason"] = "--tta on" if cfg.tta == "on" else pick.reason
         logits = flipped if tta else logits
