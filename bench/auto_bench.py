@@ -123,7 +123,19 @@ def bench_set(name: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     work = out / name
     default_dir = work / "default"
     result: dict[str, Any] = {"data": name, "spec": data, "extra_options": extra}
+    saved = Path(args.reuse_from) / name / "default_probe.json" if args.reuse_from else None
+    if saved is not None:  # steps 1 and 2 from an earlier --skip-compare run (same machine, quiet when measured)
+        result.update(json.loads(saved.read_text()))
+        default_dir = Path(args.reuse_from) / name / "default"
+    else:
+        _default_and_probe(name, data, extra, out, work, default_dir, result)
+    _compare(name, data, extra, work, default_dir, result, args)
+    result["checks"] = checks(result)
+    return result
 
+
+def _default_and_probe(name: str, data: str, extra: list[str], out: Path, work: Path, default_dir: Path,
+                       result: dict[str, Any]) -> None:
     # 1. defaults only
     wall, _ = run(affinage("train", "--data", data, "--out", str(default_dir), "--quiet", *extra), out / f"cache-{name}")
     m = json.loads((default_dir / "metrics.json").read_text())
@@ -138,7 +150,11 @@ def bench_set(name: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     peer = last_json(proc.stdout)
     result["probe"] = {"test_accuracy": peer["test_accuracy"], "wall_s": round(wall, 1), "n_train": peer.get("n_train"),
                        "n_test": peer.get("n_test")}
+    (work / "default_probe.json").write_text(json.dumps({k: result[k] for k in ("default", "probe")}, indent=2))
 
+
+def _compare(name: str, data: str, extra: list[str], work: Path, default_dir: Path, result: dict[str, Any],
+             args: argparse.Namespace) -> None:
     # 3. compare on the same split
     if not args.skip_compare:
         cmp_dir = work / "compare"
@@ -163,8 +179,6 @@ def bench_set(name: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
             "rows": [{k: r[k] for k in ("strategy", "val_accuracy", "val_loss", "test_accuracy", "wall_seconds",
                                         "auto_pick") if k in r} for r in rows],
         }
-    result["checks"] = checks(result)
-    return result
 
 
 def checks(result: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-strategies", default=None, help="--strategies for compare (default: compare's)")
     parser.add_argument("--compare-model", default=None, help="--model for compare (default: the default run's backbone)")
     parser.add_argument("--skip-compare", action="store_true", help="default run and probe peer only")
+    parser.add_argument("--reuse-from", default=None, help="an earlier --out whose default runs and probe results to "
+                                                          "reuse (only compare runs here)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.data.split(",") if n.strip()]
     unknown = [n for n in names if n not in SETS]

@@ -150,3 +150,13 @@ def test_kept_tta_is_saved_and_used_by_predict(tmp_path, tiny_images, tiny_timm)
     for result, row in zip(results, rows):
         assert result["label"] == row["predicted"]
         assert result["probability"] == pytest.approx(float(row["probability"]), abs=1e-3)
+
+
+def test_reproducing_an_auto_run_replays_its_winner_identically(tmp_path, tiny_images, tiny_timm):
+    from affinage.reproduce import reproduce
+
+    run = finetune(data=str(tiny_images), model=str(tiny_timm), strategy="auto", out=tmp_path / "run", progress=False,
+                   log=_quiet, candidates=["head", "partial:1"], epochs=2, batch_size=8, budget="1h")
+    result = reproduce(run.path, out=tmp_path / "again", progress=False, log=_quiet)
+    assert result["identical"], result["differences"]
+    assert Run.load(tmp_path / "again").metrics["strategy"] == run.metrics["strategy"]

@@ -34,7 +34,7 @@ def _run(root: Path, name: str, y: np.ndarray, probs: np.ndarray | None, test_ac
         "format_version": 2, "strategy": name,
         "val": {"accuracy": val_accuracy, "loss": val_loss, "n": len(y), "kept_phase": "main", "kept_epoch": 3},
         "test": {"accuracy": test_accuracy, "macro_f1": test_accuracy, "n": 100},
-        "model": {"backbone": "tiny", "trainable_params": 1000},
+        "model": {"backbone": "tiny", "trainable_params": int(seconds * 1000)},  # cost follows time here
         "timing": {"train_samples_per_second": 10.0, "peak_memory_mb": 300.0, "features_cached": False},
         "footprint": {"energy_kwh": energy, "co2_kg": energy / 2},
         "targets": targets or [],

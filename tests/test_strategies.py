@@ -104,9 +104,9 @@ def test_run_directory_is_complete(run_cache, backbone, strategy, tiny_images, t
     if strategy == "linear-probe":
         assert phases == {"probe"}  # the tuned probe: one row per C tried
     elif strategy == "head":
-        assert phases == {"probe", "head"}
+        assert phases == {"head"}
     else:
-        assert phases == {"probe", "fine-tune"}  # LP-FT: the tuned probe's head, then fine-tuning
+        assert phases == {"head-init", "fine-tune"}  # LP-FT: a linear head on the frozen features, then fine-tuning
         assert max(r["epoch"] for r in history if r["phase"] == "fine-tune") == EPOCHS
 
     metrics = json.loads((root / "metrics.json").read_text())

@@ -346,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Every strategy on the same data, split and seed, each as its own `affinage train` "
                                    "run, cold (its own empty cache: each decodes the images and extracts features "
                                    "itself, so times and energies compare); writes compare.csv, compare.md and "
-                                   "compare.png (accuracy vs wall time, point size = energy) and names the cheapest "
-                                   "strategy that meets the targets.")
+                                   "compare.png (accuracy vs wall time, point size = energy); marks the row auto would "
+                                   "pick and names the cheapest strategy within 0.01 of the best, both chosen on val "
+                                   "(test is shown, never used to choose).")
     p.add_argument("--data", required=True, help="as for `affinage train`")
     p.add_argument("--model", default=DEMO_MODEL, help="backbone, as for `affinage train` (default: %(default)s)")
     p.add_argument("--strategies", default=",".join(COMPARE_STRATEGIES),

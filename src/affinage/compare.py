@@ -186,7 +186,7 @@ def choose_on_val(rows: Sequence[dict[str, Any]]) -> tuple[int, str, list[float]
     val, why = _aligned_val(rows)
     if val is not None:
         y, probs = val
-        c = choose([Scored.from_probs(r["strategy"], p, float(r["wall_seconds"] or 0.0)) for r, p in zip(rows, probs)],
+        c = choose([Scored.from_probs(r["strategy"], p, float(r["trainable_params"] or 0)) for r, p in zip(rows, probs)],
                    y, prefer_cheaper=True, what="strategy")  # the rule auto applies to its candidates
         return c.index, c.reason, [t["val_accuracy"] for t in c.table]
 

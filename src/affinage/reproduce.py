@@ -37,12 +37,18 @@ def reproduce(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | Non
                             "data path is relative to it), or put the data back")
     out_path = Path(out) if out is not None else root.with_name(f"{root.name}-reproduce-{datetime.now():%Y%m%d-%H%M%S}")
     options = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "model", "strategy")}
-    options.update(splits_from=str(root), resume=False)
+    options.update(splits_from=str(root), resume=False, models=[])  # config.yaml names the backbone --models chose
+    strategy = cfg.strategy
+    if strategy == "auto":  # the search depends on the wall clock; its result does not: replay the winner
+        strategy, hp = original.metrics["strategy"], original.metrics.get("hyperparameters", {})
+        options.update(candidates=[], budget=None, budget_factor=None)
+        if hp.get("epochs_shortened_from"):  # the budget gave it fewer epochs than its defaults
+            options["epochs"] = hp["epochs"]
     env = original.metrics.get("environment", {})
     threads = _same_threads(env.get("cpu_threads"))
     try:
         kwargs: dict[str, Any] = {} if log is None else {"log": log}
-        rerun = finetune(data=cfg.data, model=cfg.model, strategy=cfg.strategy, out=out_path, progress=progress,
+        rerun = finetune(data=cfg.data, model=cfg.model, strategy=strategy, out=out_path, progress=progress,
                          **kwargs, **options)
     finally:
         _restore_threads(threads)
