@@ -28,7 +28,7 @@ from typing import Any
 
 from .config import COMPARE_STRATEGIES, check_strategy
 from .errors import AffinageError
-from .runfiles import PROBABILITY_PREFIX, read_metrics
+from .runfiles import read_metrics
 from .storage import atomic_path, write_text
 
 DEFAULT_STRATEGIES = COMPARE_STRATEGIES
@@ -203,26 +203,14 @@ def choose_on_val(rows: Sequence[dict[str, Any]]) -> tuple[int, str, list[float]
 
 
 def read_val_predictions(run_dir: str | os.PathLike[str]) -> tuple[list[str], list[str], list[str], Any] | None:
-    """val_predictions.csv of a run (same format as test_predictions.csv): paths, labels, classes (the p:<class>
-    columns' order) and the (n, classes) probabilities; None where the file or its probability columns are missing."""
-    import numpy as np
+    """val_predictions.csv of a run (runfiles owns the format): paths, labels, classes (the p:<class> columns'
+    order) and the (n, classes) probabilities; None where the file or its probability columns are missing."""
+    from .runfiles import read_predictions
 
-    from .data import PATH_ERRORS
-
-    path = Path(run_dir) / VAL_PREDICTIONS
-    if not path.is_file():
+    val = read_predictions(run_dir, VAL_PREDICTIONS)
+    if val is None or val.probabilities is None or val.classes is None:
         return None
-    with open(path, newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
-        reader = csv.reader(fh)
-        header = next(reader, [])
-        body = list(reader)
-    col = {name: i for i, name in enumerate(header)}
-    prob_cols = [i for i, name in enumerate(header) if name.startswith(PROBABILITY_PREFIX)]
-    if "path" not in col or "label" not in col or not prob_cols:
-        return None
-    classes = [header[i][len(PROBABILITY_PREFIX):] for i in prob_cols]
-    probs = np.array([[float(r[i]) for i in prob_cols] for r in body], dtype=np.float64).reshape(len(body), len(classes))
-    return [r[col["path"]] for r in body], [r[col["label"]] for r in body], classes, probs
+    return val.paths, val.labels, val.classes, val.probabilities.reshape(len(val.paths), len(val.classes))
 
 
 def _aligned_val(rows: Sequence[dict[str, Any]]) -> tuple[tuple[Any, list[Any]] | None, str]:

@@ -348,8 +348,9 @@ class Predictions:
     probabilities: np.ndarray | None
 
 
-def read_predictions(run_dir: str | os.PathLike[str]) -> Predictions | None:
-    path = Path(run_dir) / "test_predictions.csv"
+def read_predictions(run_dir: str | os.PathLike[str], name: str = "test_predictions.csv") -> Predictions | None:
+    """test_predictions.csv (or val_predictions.csv, same format) of a run; None where the file is missing."""
+    path = Path(run_dir) / name
     if not path.is_file():
         return None
     with open(path, newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
