@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -149,7 +149,6 @@ class Search:
     budget: Budget
     best_accuracy: float = -1.0
     best_name: str | None = None
-    rows: list[dict[str, Any]] = field(default_factory=list)
     speed: float = 1.0  # measured / predicted epoch time of the candidates trained so far
 
     def learn_speed(self, predicted: float, measured: list[float]) -> None:

@@ -30,7 +30,6 @@ class ProbeFit:
     choice: Choice  # the C table (val accuracy and calibrated loss per C)
     val_logits: np.ndarray
     seconds: float
-    refit: bool  # True: the kept head was refitted on train + val with the chosen C
 
 
 def _model(C: float, seed: int) -> Any:
@@ -74,9 +73,9 @@ def to_head(model: Any, n_features: int, n_classes: int) -> nn.Linear:
 
 
 def fit_probe(train_x: Any, train_y: Any, val_x: Any, val_y: Any, n_classes: int, seed: int = 0,
-              refit: bool = False, grid: tuple[float, ...] = C_GRID) -> ProbeFit:
+              grid: tuple[float, ...] = C_GRID) -> ProbeFit:
     """Fit the probe for every C in `grid` (stopping once val has got worse twice in a row), keep the C chosen on
-    val; with `refit`, fit that C once more on train + val (the C stays the one val chose)."""
+    val (`refit_probe` fits it again on more data)."""
     t0 = time.perf_counter()
     xt, yt = np.asarray(train_x, dtype=np.float32), np.asarray(train_y)
     xv, yv = np.asarray(val_x, dtype=np.float32), np.asarray(val_y)
@@ -99,12 +98,10 @@ def fit_probe(train_x: Any, train_y: Any, val_x: Any, val_y: Any, n_classes: int
     model.coef_, model.intercept_ = kept.extra["coef"], kept.extra["intercept"]
     val_logits = _logits(model, xv, n_classes)
     head = to_head(model, xt.shape[1], n_classes)
-    if refit:
-        head = refit_probe(C, np.concatenate([xt, xv]), np.concatenate([yt, yv]), n_classes, seed)
     for row in choice.table:
         row.pop("coef", None)
         row.pop("intercept", None)
-    return ProbeFit(head, C, choice, val_logits, time.perf_counter() - t0, refit)
+    return ProbeFit(head, C, choice, val_logits, time.perf_counter() - t0)
 
 
 def refit_probe(C: float, x: Any, y: Any, n_classes: int, seed: int = 0) -> nn.Linear:
