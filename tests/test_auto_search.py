@@ -160,3 +160,21 @@ def test_reproducing_an_auto_run_replays_its_winner_identically(tmp_path, tiny_i
     result = reproduce(run.path, out=tmp_path / "again", progress=False, log=_quiet)
     assert result["identical"], result["differences"]
     assert Run.load(tmp_path / "again").metrics["strategy"] == run.metrics["strategy"]
+
+
+def test_halving_compares_candidates_at_equal_points_of_their_schedules():
+    """A half-trained network is held against another at half its schedule, never against the finished probe."""
+    import time
+
+    from affinage.auto import Budget, Search
+
+    s = Search(n_val=200, budget=Budget(None, time.perf_counter()))
+    s.record("linear-probe", 0.97)  # finished frozen candidate: not a rung
+    first = s.stopper("partial:2", 4)
+    assert first(1, 1.0, 0.80, 1.0) is None  # not yet at its rung
+    assert first(2, 1.0, 0.85, 1.0) is None  # at its rung, far below the probe, but nothing to compare with
+    second = s.stopper("full", 6)
+    assert second(3, 1.0, 0.84, 1.0) is None  # within two standard errors of partial:2's 0.85 at its rung
+    third = s.stopper("lora", 4)
+    why = third(2, 1.0, 0.70, 1.0)
+    assert why is not None and "partial:2" in why and "0.850" in why

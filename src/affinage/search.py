@@ -69,14 +69,17 @@ def run_search(cfg: TrainConfig, plan: Any, backbone: Any, data: Any, features: 
     yv = data.y[val]
     auto = cfg.strategy == "auto"
     fwd = _forward_seconds(backbone, data, features, plan)
-    seconds = parse_budget(cfg.budget) if cfg.budget else (default_budget(plan.device) if auto else None)
     spent = backbone.seconds + data.seconds + features.seconds
-    budget = Budget(seconds, time.perf_counter() - spent, reserve=fwd * 2 * len(data.splits.val) + 5,
+    budget = Budget(parse_budget(cfg.budget) if cfg.budget else None, time.perf_counter() - spent,
+                    reserve=fwd * 2 * max(len(val), len(data.decoded.samples) - len(train) - len(val)) + 10,
                     source=f"--budget {cfg.budget}" if cfg.budget else "the default budget")
     probe = _probe(cfg, data, features, log) if features.values is not None else None
+    if auto and not cfg.budget and not cfg.budget_factor:
+        budget.seconds = default_budget(plan.device, spent + (probe.seconds if probe is not None else 0.0))
+        budget.source = f"the default budget, {budget.seconds / 60:.0f} min"
     if auto and cfg.budget_factor:
         by_factor = cfg.budget_factor * (spent + probe.seconds)
-        budget.seconds = min(budget.seconds or by_factor, by_factor)
+        budget.seconds = min(budget.seconds, by_factor) if budget.seconds else by_factor
         budget.source = f"--budget-factor {cfg.budget_factor:g} x the probe's {spent + probe.seconds:.0f}s"
     unfreezing = any(not get_strategy(n).uses_cached_features for n in plan.candidates)
     init = (_lp_init(cfg, backbone, data, features, run_dir, log)
