@@ -170,11 +170,13 @@ def test_halving_compares_candidates_at_equal_points_of_their_schedules():
 
     s = Search(n_val=200, budget=Budget(None, time.perf_counter()))
     s.record("linear-probe", 0.97)  # finished frozen candidate: not a rung
-    first = s.stopper("partial:2", 4)
-    assert first(1, 1.0, 0.80, 1.0) is None  # not yet at its rung
-    assert first(2, 1.0, 0.85, 1.0) is None  # at its rung, far below the probe, but nothing to compare with
+    first = s.stopper("progressive", 12)
+    assert first(5, 1.0, 0.80, 1.0) is None  # not yet at its rung
+    assert first(6, 1.0, 0.85, 1.0) is None  # at its rung, far below the probe, but nothing to compare with
     second = s.stopper("full", 6)
-    assert second(3, 1.0, 0.84, 1.0) is None  # within two standard errors of partial:2's 0.85 at its rung
-    third = s.stopper("lora", 4)
-    why = third(2, 1.0, 0.70, 1.0)
-    assert why is not None and "partial:2" in why and "0.850" in why
+    assert second(3, 1.0, 0.84, 1.0) is None  # within two standard errors of progressive's 0.85 at its rung
+    third = s.stopper("scratch", 10)
+    why = third(5, 1.0, 0.70, 1.0)
+    assert why is not None and "progressive" in why and "0.850" in why
+    short = s.stopper("partial:2", 4)  # a short schedule always completes
+    assert short(2, 1.0, 0.50, 1.0) is None
