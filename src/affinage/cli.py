@@ -44,6 +44,21 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
                    help="continue the interrupted run in --out from its last checkpoint (same options required; "
                         "the result is identical to an uninterrupted run)")
     g.add_argument("--seed", type=int, default=0, help="seed for splits, init and data order (default: 0)")
+    k = p.add_argument_group("keep what a model knew (add classes without forgetting the old ones)")
+    k.add_argument("--init-from", metavar="RUN|pretrained",
+                   help="start from a finished run's classifier (its backbone, head and classes) or the checkpoint's "
+                        "own (pretrained: e.g. ImageNet's 1000 classes); classes = the old ones followed by the new")
+    k.add_argument("--old-data", metavar="DATA",
+                   help="labelled images of the old classes (any --data source): replayed while training, their test "
+                        "split measures forgetting")
+    k.add_argument("--keep", choices=("none", "replay", "distill", "replay+distill"),
+                   help="how to keep the old task (default: replay with --old-data, else distill)")
+    k.add_argument("--replay-fraction", type=float, default=0.5, metavar="F",
+                   help="share of each batch drawn from --old-data (default: %(default)s)")
+    k.add_argument("--distill-temperature", type=float, default=2.0, metavar="T",
+                   help="Learning-without-Forgetting temperature (default: %(default)s)")
+    k.add_argument("--distill-weight", type=float, default=1.0, metavar="W",
+                   help="weight of the distillation loss next to the new task's (default: %(default)s)")
     h = p.add_argument_group("hyper-parameters (defaults depend on the strategy)")
     h.add_argument("--epochs", type=int, help="training epochs")
     h.add_argument("--lr", type=float, help="peak learning rate of the head; backbone blocks get less")
@@ -124,7 +139,8 @@ def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("seed", "epochs", "lr", "batch_size", "weight_decay", "layer_decay", "label_smoothing", "augment",
             "warmup_epochs", "patience", "head_init", "image_size", "grad_accum", "val_fraction", "test_fraction",
             "splits_from", "group_by", "min_per_class", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha", "mean", "std",
-            "budget", "budget_factor", "interpolate", "tta", "refit")
+            "budget", "budget_factor", "interpolate", "tta", "refit", "init_from", "old_data", "keep",
+            "replay_fraction", "distill_temperature", "distill_weight")
     kwargs = {k: getattr(args, k) for k in keys}
     kwargs["pretrained"] = not args.no_pretrained
     kwargs["resume"] = args.resume
@@ -254,8 +270,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     extra = shlex.split(args.train_args or "")
     if args.image_size:
         extra += ["--image-size", str(args.image_size)]
+    if args.init_from:
+        extra += ["--init-from", args.init_from]
+    if args.old_data:
+        extra += ["--old-data", args.old_data]
+    keeps = [k.strip() for k in (args.keep or "").split(",") if k.strip()]
+    if keeps and not args.init_from:
+        raise AffinageError("--keep needs --init-from (the model whose classes to keep)",
+                            "pass --init-from RUN_DIR or --init-from pretrained")
     result = compare(data=args.data, model=args.model, strategies=[s for s in args.strategies.split(",") if s.strip()],
-                     out=args.out, targets=args.target or [], seed=args.seed, train_args=extra, progress=not args.quiet)
+                     out=args.out, targets=args.target or [], seed=args.seed, train_args=extra, progress=not args.quiet,
+                     keeps=keeps)
     return 0 if result.cheapest is not None or not args.target else 1
 
 
@@ -359,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed shared by every run (default: 0)")
     p.add_argument("--image-size", type=int, help="input size for every run (default: the checkpoint's)")
     p.add_argument("--train-args", help="more `affinage train` options for every run, quoted, e.g. \"--epochs 5\"")
+    p.add_argument("--init-from", metavar="RUN|pretrained", help="as for `affinage train`: add the data's classes to "
+                                                                 "this classifier's")
+    p.add_argument("--old-data", metavar="DATA", help="as for `affinage train`: the old task's labelled images")
+    p.add_argument("--keep", metavar="MODES", help="with --init-from: compare these ways of keeping the old task, "
+                                                   "e.g. none,replay,distill,replay+distill (one run per strategy "
+                                                   "and mode; old/new accuracy and forgetting in the table)")
     p.add_argument("--quiet", action="store_true", help="no progress bars in the runs")
     p.set_defaults(func=cmd_compare)
     return parser

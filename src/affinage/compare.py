@@ -58,9 +58,11 @@ def _say(msg: str) -> None:
 
 def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[str] = DEFAULT_STRATEGIES,
             out: str | os.PathLike[str] | None = None, targets: Sequence[str] = (), seed: int = 0,
-            train_args: Sequence[str] = (), progress: bool = True, log: Callable[[str], None] = _say) -> Comparison:
+            train_args: Sequence[str] = (), progress: bool = True, log: Callable[[str], None] = _say,
+            keeps: Sequence[str] = ()) -> Comparison:
     """Run `strategies` on one split (the first run makes it, the others reuse its split lists) and write
-    compare.csv, compare.md and compare.png in `out`. `train_args` are extra `affinage train` options."""
+    compare.csv, compare.md and compare.png in `out`. `train_args` are extra `affinage train` options; `keeps`
+    (with --init-from in them): one run per strategy and way of keeping the old task, its forgetting in the row."""
     from .run import prepare_run_dir
 
     names = [check_strategy(s) for s in strategies]
@@ -68,21 +70,27 @@ def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[s
         raise AffinageError(f"strategy listed twice in '{','.join(strategies)}'", "list each strategy once")
     if not names:
         raise AffinageError("no strategy to compare", f"pass e.g. --strategies {','.join(DEFAULT_STRATEGIES)}")
+    modes = list(keeps) or [None]
+    bad = [m for m in modes if m is not None and m not in ("none", "replay", "distill", "replay+distill")]
+    if bad:
+        raise AffinageError(f"unknown --keep '{bad[0]}'", "choose among none, replay, distill, replay+distill")
     root = prepare_run_dir(out, "compare")
     rows: list[dict[str, Any]] = []
     first: Path | None = None
-    for k, name in enumerate(names):
-        run_dir = root / "runs" / name.replace(":", "")
-        cmd = [sys.executable, "-m", "affinage.cli", "train", "--data", data, "--model", model, "--strategy", name,
-               "--out", str(run_dir), "--seed", str(seed), *train_args]
+    jobs = [(s, m) for s in names for m in modes]
+    for k, (strategy, mode) in enumerate(jobs):
+        name = strategy if mode is None else f"{strategy} keep={mode}"
+        run_dir = root / "runs" / _slug(name)
+        cmd = [sys.executable, "-m", "affinage.cli", "train", "--data", data, "--model", model, "--strategy", strategy,
+               "--out", str(run_dir), "--seed", str(seed), *train_args, *(["--keep", mode] if mode else [])]
         for t in targets:
             cmd += ["--target", t]
         if first is not None:
             cmd += ["--splits-from", str(first)]
         if not progress:
             cmd.append("--quiet")
-        log(f"[{k + 1}/{len(names)}] {name}: {' '.join(cmd[3:])}")
-        cache = root / "cache" / name.replace(":", "")
+        log(f"[{k + 1}/{len(jobs)}] {name}: {' '.join(cmd[3:])}")
+        cache = root / "cache" / _slug(name)
         shutil.rmtree(cache, ignore_errors=True)
         env = {**os.environ, "AFFINAGE_CACHE_DIR": str(cache)}  # cold: nothing decoded or extracted before
         t0 = time.perf_counter()
@@ -93,13 +101,15 @@ def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[s
             wall = time.perf_counter() - t0
             shutil.rmtree(cache, ignore_errors=True)  # a decoded dataset per strategy would fill the disk
         (root / "runs").mkdir(exist_ok=True)
-        write_text(root / "runs" / f"{name.replace(':', '')}.log", proc.stdout)
+        write_text(root / "runs" / f"{_slug(name)}.log", proc.stdout)
         if proc.returncode != 0 or not (run_dir / "metrics.json").exists():
             last = [line for line in proc.stdout.splitlines() if line.strip()][-1:] or ["no output"]
             raise AffinageError(f"strategy {name} failed: {last[0]}",
-                                f"see {root / 'runs' / (name.replace(':', '') + '.log')}")
+                                f"see {root / 'runs' / (_slug(name) + '.log')}")
         first = first or run_dir
         rows.append(row_from_run(name, run_dir, wall))
+        if mode is not None:
+            rows[-1]["strategy"] = name
         r = rows[-1]
         log(f"    val accuracy {_fmt(r['val_accuracy'], '.4f')}, test accuracy {r['test_accuracy']:.4f}, "
             f"{r['wall_seconds']:.0f}s, "
@@ -111,6 +121,7 @@ def row_from_run(strategy: str, run_dir: Path, process_seconds: float) -> dict[s
     """One table row from a finished run directory."""
     m = read_metrics(run_dir, required=True)
     timing, footprint = m.get("timing", {}), m.get("footprint") or {}
+    old, new = m.get("old_task") or {}, m.get("new_task") or {}
     checks = m.get("targets") or []
     val = m.get("val") or {}
     return {
@@ -128,6 +139,10 @@ def row_from_run(strategy: str, run_dir: Path, process_seconds: float) -> dict[s
         "co2_kg": footprint.get("co2_kg"),
         "targets_met": all(c.get("passed") for c in checks) if checks else None,
         "features_cached": timing.get("features_cached"),
+        "keep": old.get("keep"),
+        "new_accuracy": new.get("accuracy"),
+        "old_accuracy": old.get("accuracy_after"),
+        "forgetting": old.get("forgetting"),
         "measured_as": COLD,
         "run_dir": str(run_dir),
     }
@@ -174,6 +189,10 @@ def finish(root: Path, rows: list[dict[str, Any]], targets: Sequence[str],
     log(f"written: {root / 'compare.csv'}, compare.md, compare.png")
     return Comparison(root, rows, best["strategy"], cheapest["strategy"] if cheapest else None, measure, summary,
                       auto_pick=best["strategy"], auto_reason=reason)
+
+
+def _slug(name: str) -> str:
+    return name.replace(":", "").replace(" keep=", "-keep-").replace("+", "-")
 
 
 def choose_on_val(rows: Sequence[dict[str, Any]]) -> tuple[int, str, list[float] | None]:
@@ -254,10 +273,20 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+OLD_TASK_COLUMNS = ("keep", "new_accuracy", "old_accuracy", "forgetting")
+
+
+def columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The table's columns: the old-task ones only in an --init-from comparison (--keep)."""
+    if any(r.get("keep") for r in rows):
+        return [*COLUMNS[:-2], *OLD_TASK_COLUMNS, *COLUMNS[-2:]]
+    return list(COLUMNS)
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    cols = [c for c in COLUMNS if c not in ("run_dir", "measured_as")]  # measured_as: said once, under the table
+    cols = [c for c in columns(rows) if c not in ("run_dir", "measured_as")]  # measured_as: said under the table
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    formats = {"val_accuracy": ".4f", "val_loss": ".4f", "test_accuracy": ".4f", "macro_f1": ".4f", "wall_seconds": ".1f", "samples_per_second": ".1f",
+    formats = {"new_accuracy": ".4f", "old_accuracy": ".4f", "forgetting": "+.4f", "val_accuracy": ".4f", "val_loss": ".4f", "test_accuracy": ".4f", "macro_f1": ".4f", "wall_seconds": ".1f", "samples_per_second": ".1f",
                "peak_memory_mb": ".0f", "energy_kwh": ".3e", "co2_kg": ".3e", "trainable_params": ",d"}
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[c], formats.get(c, "")) for c in cols) + " |")
@@ -292,7 +321,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     from .data import PATH_ERRORS
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
-        w = csv.DictWriter(fh, fieldnames=list(COLUMNS))
+        w = csv.DictWriter(fh, fieldnames=columns(rows), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
 

@@ -79,6 +79,13 @@ class TrainConfig:
     tta: str = "auto"  # flip test-time augmentation: auto (kept where it helps on val), on, off
     refit: str = "auto"  # refit the kept configuration on train+val: auto (the probe only: cheap), on, off
     resume: bool = False  # continue an interrupted run in the same --out from its last checkpoint
+    init_from: str | None = None  # keep what a classifier knew: a finished run directory, or "pretrained" (the
+    # checkpoint's own classifier); the label space becomes its classes followed by the new ones (see keep.py)
+    old_data: str | None = None  # labelled images of the old task: replayed in training, their test split measures forgetting
+    keep: str | None = None  # none | replay | distill | replay+distill (None: replay with old_data, else distill)
+    replay_fraction: float = 0.5  # share of each training batch drawn from old_data (the guides' half and half)
+    distill_temperature: float = 2.0  # LwF's softening of the old model's outputs (Li & Hoiem use T = 2)
+    distill_weight: float = 1.0  # LwF's lambda_o: the distillation loss counts as much as the new task's (Li & Hoiem)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -106,6 +113,7 @@ class TrainConfig:
             parse_budget(self.budget)
         if self.budget_factor is not None and not self.budget_factor > 0:
             raise AffinageError(f"budget_factor must be > 0, got {self.budget_factor}", "pass e.g. --budget-factor 20")
+        self._check_keep()
         if self.min_per_class is not None and self.min_per_class < 1:
             raise AffinageError(f"min_per_class must be >= 1, got {self.min_per_class}", "pass e.g. --min-per-class 3")
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -147,6 +155,30 @@ class TrainConfig:
             raise AffinageError(f"layer_decay must be in (0, 1], got {self.layer_decay}", "pass e.g. --layer-decay 0.8")
         if not 0 <= self.label_smoothing < 1:
             raise AffinageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}", "pass e.g. 0.1")
+
+    def _check_keep(self) -> None:
+        keeps = ("none", "replay", "distill", "replay+distill")
+        if self.keep is not None and self.keep not in keeps:
+            raise AffinageError(f"unknown --keep '{self.keep}'", f"choose one of {', '.join(keeps)}")
+        if self.init_from is None and (self.old_data or self.keep):
+            raise AffinageError(f"--{'old-data' if self.old_data else 'keep'} needs --init-from (the model whose "
+                                "classes to keep)", "pass --init-from RUN_DIR or --init-from pretrained")
+        if self.keep is not None and "replay" in self.keep and not self.old_data:
+            raise AffinageError(f"--keep {self.keep} replays old images, but no --old-data was given",
+                                "pass --old-data DATA (labelled images of the old classes), or --keep distill")
+        if not 0 < self.replay_fraction < 1:
+            raise AffinageError(f"replay_fraction must be in (0, 1), got {self.replay_fraction}",
+                                "pass e.g. --replay-fraction 0.5 (half of each batch from the old data)")
+        if not self.distill_temperature > 0 or self.distill_weight < 0:
+            raise AffinageError(f"distill temperature {self.distill_temperature} / weight {self.distill_weight} invalid",
+                                "pass a positive --distill-temperature (e.g. 2) and a --distill-weight >= 0 (e.g. 1)")
+
+    @property
+    def keep_mode(self) -> str | None:
+        """The effective --keep (None: not a run that extends a classifier)."""
+        if self.init_from is None:
+            return None
+        return self.keep or ("replay" if self.old_data else "distill")
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -15,6 +15,7 @@ UNDERFIT_ACCURACY = 0.80  # final train accuracy below this (and no large gap): 
 LOSS_RISE = 1.25  # an epoch whose train loss is 25% above the previous one: unstable
 FLAT_LOSS = 0.97  # train loss still at >= 97% of its first-epoch value after several epochs: LR too low
 CLASS_GAP = 0.20  # a class whose recall is this far below the overall accuracy fails on its own
+FORGETTING = 0.05  # old-task accuracy lost (before - after, --init-from runs) above this: flagged
 
 
 def _finding(issue: str, step: str, evidence: str, action: str) -> dict[str, str]:
@@ -28,7 +29,8 @@ def _finite(x: Any) -> bool:
 
 # long-function: a flat list of independent rules, one finding each, in the order they are reported
 def diagnose(history: Sequence[dict[str, Any]], test: dict[str, Any] | None = None,
-             classes: Sequence[str] | None = None, leaks: int = 0) -> list[dict[str, str]]:
+             classes: Sequence[str] | None = None, leaks: int = 0,
+             old_task: dict[str, Any] | None = None) -> list[dict[str, str]]:
     """Findings from the per-epoch history (rows of {phase, epoch, train_loss, train_accuracy, val_loss,
     val_accuracy, lr, ...}) and the test metrics, sorted by checklist step; [] when nothing looks wrong."""
     findings: list[dict[str, str]] = []
@@ -83,6 +85,20 @@ def diagnose(history: Sequence[dict[str, Any]], test: dict[str, Any] | None = No
                     f"recall of '{name}' is {stats['recall']:.2f} vs accuracy {test_acc:.2f}{confused}",
                     f"look at the '{name}' images and its confusions (mislabelled, ambiguous, or a different look?), "
                     f"then add training images of '{name}'"))
+
+    # the old task (--init-from): forgetting beyond the threshold
+    if old_task and old_task.get("measured") and old_task["forgetting"] > FORGETTING:
+        keep = old_task.get("keep")
+        more = {"none": "keep it: --old-data with --keep replay (half of each batch), or --keep distill",
+                "distill": "replay old images (--old-data, --keep replay+distill)",
+                "replay": "replay more (--replay-fraction 0.6) or add --keep replay+distill",
+                "replay+distill": "replay more (--replay-fraction 0.6) or raise --distill-weight"}.get(keep, "")
+        findings.append(_finding(
+            "forgetting", "data",
+            f"old-task accuracy {old_task['accuracy_before']:.3f} before, {old_task['accuracy_after']:.3f} after "
+            f"(forgetting {old_task['forgetting']:.3f} > {FORGETTING})",
+            f"{more}; then lower the learning rate (--lr), train fewer blocks (partial:N, linear-probe) or "
+            "interpolate towards the start (--interpolate 0.5)"))
 
     train_losses = [r["train_loss"] for r in epochs]
     unstable = any(not _finite(x) for x in train_losses) or any(

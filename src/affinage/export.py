@@ -437,6 +437,26 @@ print(json.load(open("DIR/config.json"))["id2label"][str(int(logits.argmax()))])
 }
 
 
+def _old_task_lines(m: dict[str, Any]) -> list[str]:
+    """A run that added classes to a classifier (--init-from): which classes are old, and the forgetting measured."""
+    old = m.get("old_task")
+    if not old:
+        return []
+    lines = ["", "## Old and new classes", "",
+             f"The first {old['n_classes']} classes are those of `{old['source']}`, kept with `--keep {old['keep']}`; "
+             "the others are new."]
+    if old.get("measured"):
+        lines.append(f"On the old data's test split (n={old['n']}) the starting model scored {old['accuracy_before']:.4f}"
+                     f" and this one {old['accuracy_after']:.4f} (all classes competing): forgetting "
+                     f"{old['forgetting']:+.4f}.")
+    else:
+        lines.append(f"Forgetting was not measured: {old['reason']}.")
+    new = m.get("new_task") or {}
+    if "accuracy" in new:
+        lines.append(f"New classes' test images (n={new['n']}): accuracy {new['accuracy']:.4f}.")
+    return lines
+
+
 def model_card(run: Run, fmt: str, report: dict[str, Any], folder: str = "DIR") -> str:
     """README.md: what the model is, the data and figures behind it, how to load it, and what it is not for."""
     m, info = run.metrics, _info(run)
@@ -474,6 +494,7 @@ def model_card(run: Run, fmt: str, report: dict[str, Any], folder: str = "DIR") 
                                                                   f"(n={v.get('support', '?')})" for c, v in worst)]
     else:
         lines.append("Not recorded in this run.")
+    lines += _old_task_lines(m)
     lines += ["", "## Footprint", ""]
     footprint = {k: v for k, v in (m.get("footprint") or {}).items() if isinstance(v, (int, float, str))}
     facts = {"parameters": model.get("params"), "trained parameters": model.get("trainable_params"),

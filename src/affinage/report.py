@@ -18,7 +18,7 @@ from .runfiles import read_history, read_metrics
 from .storage import write_text
 
 SECTIONS = ("summary", "targets", "diagnosis", "config", "data", "leaks", "learning-curves", "confusion-matrix",
-            "per-class", "groups", "calibration", "footprint", "environment")
+            "per-class", "groups", "old-task", "calibration", "footprint", "environment")
 MAX_TABLE_ROWS = 50
 
 _CSS = """
@@ -67,6 +67,7 @@ def render(root: Path) -> str:
         _confusion(test, classes),
         _per_class(test, classes),
         _groups(metrics.get("groups")),
+        _old_task(metrics),
         _calibration(root, metrics, classes),
         _footprint(metrics.get("footprint")),
         _environment(metrics),
@@ -274,6 +275,50 @@ def _groups(groups: dict[str, Any] | None) -> str:
     rows = [[g, by[g]["n"], _f(by[g]["accuracy"]), _f(by[g]["macro_recall"])] for g in names]
     return _section("groups", "Per-group metrics (test)", text + _png(fig, "per-group accuracy")
                     + _table(["group", "n", "accuracy", "macro recall"], rows))
+
+
+def _old_task(metrics: dict[str, Any]) -> str:
+    """--init-from runs: the old classes' recall before and after (forgetting), and WiSE-FT's alpha curve."""
+    old = metrics.get("old_task")
+    if not old:
+        return _section("old-task", "Old task", "<p>This run did not start from a classifier's classes "
+                        "(<code>--init-from</code>): there is no old task to forget.</p>")
+    new = metrics.get("new_task") or {}
+    intro = (f"<p>The first {old['n_classes']} classes are those of <code>{_e(old['source'])}</code>, kept with "
+             f"<code>--keep {_e(old['keep'])}</code>."
+             + (f" New classes' test accuracy {new['accuracy']:.4f} (n={new['n']})." if "accuracy" in new else "")
+             + "</p>")
+    if not old.get("measured"):
+        return _section("old-task", "Old task", intro + f"<p class=\"warn\">Forgetting not measured: {_e(old['reason'])}."
+                        "</p>")
+    text = (f"<p>Old data's test split (n={old['n']}): accuracy {old['accuracy_before']:.4f} before, "
+            f"{old['accuracy_after']:.4f} after, forgetting <b>{old['forgetting']:+.4f}</b> ({_e(old['definition'])}).</p>")
+    per = old.get("per_class") or {}
+    names = list(per)
+    parts = [intro, text]
+    if names:
+        import numpy as np
+
+        fig = _figure(9.5, max(2.2, 0.34 * len(names) + 1.2))
+        ax = fig.subplots()
+        pos = np.arange(len(names))
+        ax.barh(pos - 0.2, [per[c]["recall_before"] for c in names], height=0.4, label="before", color="#9aa5b1")
+        ax.barh(pos + 0.2, [per[c]["recall_after"] for c in names], height=0.4, label="after", color="#1f77b4")
+        ax.set_yticks(pos, names)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1.02)
+        ax.set_xlabel("recall on the old data's test split")
+        ax.legend(loc="lower right")
+        parts.append(_png(fig, "old classes' recall before and after"))
+        parts.append(_table(["old class", "n", "recall before", "recall after"],
+                            [[c, per[c]["n"], _f(per[c]["recall_before"]), _f(per[c]["recall_after"])] for c in names]))
+    curve = (metrics.get("last_points") or {}).get("wise_curve")
+    if curve and "mean" in curve[0]:
+        parts.append("<p>WiSE-FT: val accuracy per alpha (0 = the start, 1 = the fine-tuned weights); "
+                     f"alpha {metrics['last_points'].get('wise_alpha')} kept.</p>")
+        parts.append(_table(["alpha", "old val accuracy", "new val accuracy", "mean"],
+                            [[r["alpha"], _f(r["old_accuracy"]), _f(r["new_accuracy"]), _f(r["mean"])] for r in curve]))
+    return _section("old-task", "Old task: forgetting", "".join(parts))
 
 
 def _calibration(root: Path, metrics: dict[str, Any], classes: Sequence[str]) -> str:

@@ -1,7 +1,9 @@
 """The pipeline. `finetune` reads as its stages, each a function over typed state, usable alone from Python:
 
-    load_data -> choose_backbone -> build_backbone -> open_run_dir -> prepare_data -> extract_features -> plan_training
-    -> train_model -> evaluate_model -> write_run
+    load_data -> choose_backbone -> build_backbone -> attach_old_task -> open_run_dir -> prepare_data
+    -> extract_features -> plan_training -> train_model -> evaluate_model -> write_run
+
+(`attach_old_task` matters to `--init-from` runs only: the classifier whose classes are kept, and its old data.)
 
 Under `torchrun`/`accelerate launch` every process runs every stage; only the main one writes the run directory
 and prints, decoding fills the shared cache on the main process first, and features, fine-tuning and test
@@ -95,6 +97,8 @@ class PreparedData:
     seconds: float
     key: str  # identity of images, splits and labels: checkpoints are only resumed with the same
     left_out: list[tuple[str, int]]  # (class, usable images) left out by --min-per-class
+    old: Any = None  # keep.OldTask of an --init-from run (None: a plain run)
+    is_old: np.ndarray | None = None  # per decoded sample: from --old-data
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,7 @@ class Evaluation:
     logits: np.ndarray
     test: dict[str, Any]
     seconds: float
+    tasks: dict[str, Any] = field(default_factory=dict)  # --init-from: the old_task and new_task blocks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,9 +165,10 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "auto
         images = load_data(cfg)
         cfg, ranking = choose_backbone(cfg, images, progress, log)
         backbone = replace(build_backbone(cfg), ranking=ranking)
+        images, old = attach_old_task(cfg, images, backbone, log)
         run_dir = open_run_dir(cfg, out)
         log(f"affinage: {cfg.strategy} on {images.description} with {cfg.model} -> {run_dir}")
-        prepared = prepare_data(cfg, images, backbone.preprocessing, run_dir, progress, log)
+        prepared = prepare_data(cfg, images, backbone.preprocessing, run_dir, progress, log, old)
         plan = plan_device(cfg)
         backbone, features = extract_features(cfg, backbone, prepared, plan, progress, log)
         plan = plan_training(cfg, backbone, prepared, features, plan, log)
@@ -185,10 +191,12 @@ def _silent(msg: str) -> None:
 def load_data(cfg: TrainConfig) -> LabelledImages:
     """The labelled samples of `cfg.data`, validated before anything slow, as are the --target expressions (a typo
     or an unknown class fails now, before any run directory exists)."""
+    from .keep import PRETRAINED
     from .targets import parse_targets
 
     images = load_source(cfg.data, cfg.group_by)
-    parse_targets(cfg.targets, images.classes)  # a class named in --target must exist, checked before any run dir
+    if cfg.init_from is None or cfg.init_from == PRETRAINED:  # (a run's old classes may be named too: checked later)
+        parse_targets(cfg.targets, images.classes)  # a class named in --target must exist, checked before any run dir
     if cfg.min_per_class is None:  # classes too small to split even if every file decodes: refused before any run dir
         refuse_small_classes(images.samples, any(s.split is not None for s in images.samples), usable=False)
     return images
@@ -198,9 +206,11 @@ def choose_backbone(cfg: TrainConfig, images: LabelledImages, progress: bool,
                     log: Callable[[str], None]) -> tuple[TrainConfig, Any]:
     """`--models a,b,c` / `--model auto`: the backbone whose tuned probe does best on val (the smaller where val
     cannot separate them); the config then names it. Otherwise the config as it is."""
+    from .keep import resolve_model
     from .ranking import candidate_models, rank_backbones
 
-    if not candidate_models(cfg):
+    cfg = resolve_model(cfg)  # --init-from RUN: that run's network is the backbone
+    if not candidate_models(cfg) or cfg.init_from is not None:
         return cfg, None
     ranking = rank_backbones(cfg, images, log, progress)
     return cfg.replace(model=ranking.chosen), ranking
@@ -213,7 +223,7 @@ def build_backbone(cfg: TrainConfig) -> Backbone:
     from .strategies import get_strategy
 
     t0 = time.perf_counter()
-    frozen = cfg.strategy != "auto" and get_strategy(cfg.strategy).uses_cached_features
+    frozen = cfg.strategy != "auto" and get_strategy(cfg.strategy).uses_cached_features and cfg.init_from is None
     key = card_key(cfg.model, cfg.image_size, cfg.mean, cfg.std) if frozen and cfg.pretrained else None
     card = load_card(key)
     net = None if card is not None else _build_net(cfg)
@@ -227,6 +237,25 @@ def _build_net(cfg: TrainConfig) -> Any:
     with seeded(cfg.seed, "backbone"):  # random inits (pretrained=False, fresh layers) move no other stream
         return create_model(cfg.model, num_classes=2, pretrained=cfg.pretrained, image_size=cfg.image_size,
                             trust_remote_code=cfg.trust_remote_code, mean=cfg.mean, std=cfg.std)
+
+
+def attach_old_task(cfg: TrainConfig, images: LabelledImages, backbone: Backbone,
+                    log: Callable[[str], None]) -> tuple[LabelledImages, Any]:
+    """`--init-from`: the classifier whose classes are kept (keep.OldTask) and the images: the new ones followed by
+    those of `--old-data`, relabelled with the old class names. A plain run: the images as they are, and None."""
+    from . import keep
+
+    old = keep.start(cfg, backbone.net)
+    if old is None:
+        return images, None
+
+    def refuse(extra: LabelledImages) -> None:
+        if cfg.min_per_class is None:
+            refuse_small_classes(extra.samples, any(s.split is not None for s in extra.samples), usable=False)
+
+    images, old = keep.with_old_data(images, old, refuse)
+    log(f"keep: {old.describe()}" + ("" if old.keys else "; no --old-data: forgetting cannot be measured"))
+    return images, old
 
 
 def open_run_dir(cfg: TrainConfig, out: str | os.PathLike[str] | None) -> Path:
@@ -243,8 +272,10 @@ def open_run_dir(cfg: TrainConfig, out: str | os.PathLike[str] | None) -> Path:
 
 
 def prepare_data(cfg: TrainConfig, images: LabelledImages, pp: Preprocessing, run_dir: Path, progress: bool,
-                 log: Callable[[str], None]) -> PreparedData:
-    """Decode (cached), list skipped files, make or reuse the splits, check them for leaks, fix the label space."""
+                 log: Callable[[str], None], old: Any = None) -> PreparedData:
+    """Decode (cached), list skipped files, make or reuse the splits, check them for leaks, fix the label space
+    (`old`, an --init-from run's keep.OldTask: its classes first, then the new ones; old data split on its own)."""
+    from .keep import split_parts, union_labels
     from .targets import parse_targets
 
     t0 = time.perf_counter()
@@ -266,10 +297,17 @@ def prepare_data(cfg: TrainConfig, images: LabelledImages, pp: Preprocessing, ru
         log(f"skipped {len(decoded.skipped)} file(s) — {shown}{more}; full list in {skipped_csv}")
     check_usable(decoded.samples, cfg.data, skipped_csv)
     samples = decoded.samples
+    is_old = np.array([s.key in old.keys for s in samples], dtype=bool) if old is not None else None
+
+    def split(part: Sequence[Sample]) -> Splits:
+        return make_splits(part, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+
     splits = (read_split_lists(Path(cfg.splits_from) / "splits", samples, decoded.hashes) if cfg.splits_from
-              else make_splits(samples, cfg.seed, cfg.val_fraction, cfg.test_fraction))
+              else split_parts(samples, is_old, split) if is_old is not None and is_old.any() else split(samples))
     splits, leak_info, dropped = _leak_check(run_dir, decoded, splits, cfg.drop_leaks, pp, log)
-    labels = LabelSpace.from_labels((samples[i].label for i in splits.train), f"train split of {images.description}")
+    train_labels = [samples[i].label for i in splits.train]
+    labels = (union_labels(old, train_labels, f"train split of {images.description}") if old is not None else
+              LabelSpace.from_labels(train_labels, f"train split of {images.description}"))
     _check_split_classes(samples, splits, labels)
     targets = parse_targets(cfg.targets, list(labels.classes))  # the classes left in train (unreadable files skipped)
     if dist.is_main():
@@ -279,7 +317,7 @@ def prepare_data(cfg: TrainConfig, images: LabelledImages, pp: Preprocessing, ru
     key = digest(*(f"{name}/{samples[i].label}/{decoded.hashes[i]}" for name, idx in splits.items() for i in idx))
     log(f"data: {len(labels)} classes, {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test "
         f"images ({splits.how})")
-    return PreparedData(decoded, splits, labels, y, leak_info, targets, seconds, key, small)
+    return PreparedData(decoded, splits, labels, y, leak_info, targets, seconds, key, small, old, is_old)
 
 
 def plan_device(cfg: TrainConfig) -> Plan:
@@ -300,7 +338,8 @@ def extract_features(cfg: TrainConfig, backbone: Backbone, data: PreparedData, p
     from .inference import cached_features, load_cached_features
     from .strategies import get_strategy
 
-    needed = cfg.strategy == "auto" or get_strategy(cfg.strategy).uses_cached_features or cfg.head_init == "probe"
+    needed = (cfg.strategy == "auto" or get_strategy(cfg.strategy).uses_cached_features or cfg.head_init == "probe"
+              or cfg.init_from is not None)  # --init-from: the old model's test figures come from the features
     if not needed:
         return backbone, Features(None, None, 0.0)
     t0 = time.perf_counter()
@@ -350,10 +389,12 @@ def train_model(cfg: TrainConfig, plan: Plan, backbone: Backbone, data: Prepared
                 run_dir: Path, progress: bool, log: Callable[[str], None]) -> tuple[Plan, Trained]:
     """Train every candidate of the plan on train, measured on val (the test split is not given to them), keep the
     one `selection.choose` prefers, then the switches that help on val (WiSE-FT, flip TTA) and the refit."""
+    from .keep import training_indices
     from .search import run_search
 
     t0 = time.perf_counter()
-    unseen = replace(data, splits=Splits(data.splits.train, data.splits.val, [], data.splits.how))  # no test
+    train = training_indices(data.old, data.splits.train, data.is_old)  # old data trains only where it is replayed
+    unseen = replace(data, splits=Splits(train, data.splits.val, [], data.splits.how))  # no test
     outcome = run_search(cfg, plan, backbone, unseen, features, run_dir, progress, log)
     plan = replace(plan, strategy=outcome.strategy, hp=outcome.hp,
                    reason=outcome.reason if cfg.strategy == "auto" else plan.reason,
@@ -384,7 +425,20 @@ def evaluate_model(plan: Plan, trained: Trained, data: PreparedData, features: F
     logits = split_logits(plan, trained.net, trained.head, data, features, test, trained.extras.get("tta", False),
                           progress)
     metrics = classification_metrics(logits, data.y[test], list(data.labels.classes))
-    return Evaluation(logits, metrics, time.perf_counter() - t0)
+    tasks: dict[str, Any] = {}
+    if data.old is not None:  # the old model's figures on the same test images: what forgetting is measured from
+        import torch
+
+        from .keep import old_task_metrics, training_indices
+
+        with torch.no_grad():
+            before = data.old.head(features.values[test].float()).numpy() if features.values is not None else None
+        is_old = data.is_old[test] if data.is_old is not None else np.zeros(len(test), dtype=bool)
+        tasks = old_task_metrics(data.old, before, logits, data.y[test], is_old, list(data.labels.classes))
+        trained_on = training_indices(data.old, data.splits.train, data.is_old)
+        tasks["old_task"]["old_images_trained_on"] = (int(data.is_old[trained_on].sum()) if data.is_old is not None
+                                                      else 0)
+    return Evaluation(logits, metrics, time.perf_counter() - t0, tasks)
 
 
 def write_run(run_dir: Path, cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data: PreparedData,
@@ -396,7 +450,7 @@ def write_run(run_dir: Path, cfg: TrainConfig, images: LabelledImages, backbone:
     from .targets import format_result
 
     if dist.is_main():
-        _write_model(run_dir, plan, backbone, trained, data.labels)
+        _write_model(run_dir, plan, backbone, trained, data)
         test = data.splits.test
         samples, hashes = data.decoded.samples, data.decoded.hashes
         write_predictions(run_dir / "test_predictions.csv", [samples[i].key for i in test], [hashes[i] for i in test],
@@ -413,7 +467,7 @@ def write_run(run_dir: Path, cfg: TrainConfig, images: LabelledImages, backbone:
         test_block = metrics["test"]
         log(f"test accuracy {test_block['accuracy']:.4f} (macro F1 {test_block['macro_f1']:.4f}, n={test_block['n']}) "
             f"in {metrics['timing']['wall_seconds']:.1f}s -> {run_dir}")
-        for line in (_trust_lines(metrics) + [format_result(r) for r in metrics["targets"]]
+        for line in (_keep_lines(metrics) + _trust_lines(metrics) + [format_result(r) for r in metrics["targets"]]
                      + format_findings(metrics["diagnosis"])):
             log(line)
         _write_report(run_dir, log)
@@ -442,9 +496,10 @@ def _on_main(make: Callable[[], Path]) -> Path:
     return Path(value)
 
 
-def _write_model(run_dir: Path, plan: Plan, backbone: Backbone, trained: Trained, labels: LabelSpace) -> None:
+def _write_model(run_dir: Path, plan: Plan, backbone: Backbone, trained: Trained, data: PreparedData) -> None:
     from .labels import DEFAULT_TASK
 
+    labels = data.labels
     strategy, hidden = plan.strategy, plan.strategy.head_hidden
     if trained.net is not None:
         net = trained.net
@@ -454,7 +509,9 @@ def _write_model(run_dir: Path, plan: Plan, backbone: Backbone, trained: Trained
         state, spec, pp, task = card.state_dict(trained.head, DEFAULT_TASK), card.spec, card.preprocessing, DEFAULT_TASK
     info = ModelInfo(spec.to_dict(), pp, {task: HeadInfo(labels, hidden)}, strategy.name, plan.precision.inference,
                      "features" if strategy.uses_cached_features else "pixels", task,
-                     extra={"tta": True} if trained.extras.get("tta") else {})
+                     extra={**({"tta": True} if trained.extras.get("tta") else {}),
+                            **({"old_classes": data.old.n_old, "init_from": data.old.source, "keep": data.old.mode}
+                               if data.old is not None else {})})
     write_model(run_dir, state, info)
 
 
@@ -506,10 +563,12 @@ def _metrics(cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data:
     if any(s.group is not None for s in samples):
         metrics["groups"] = group_metrics(evaluation.logits, test_y, [samples[i].group or "(none)" for i in splits.test],
                                           classes)
+    metrics.update(evaluation.tasks)  # --init-from: old_task (forgetting), new_task
     metrics["leaks"] = data.leaks
     metrics["targets"] = check_targets(data.targets, evaluation.test)
     metrics["diagnosis"] = diagnose(trained.history, evaluation.test, classes,
-                                    leaks=0 if data.leaks["dropped"] else data.leaks["pairs"])
+                                    leaks=0 if data.leaks["dropped"] else data.leaks["pairs"],
+                                    old_task=evaluation.tasks.get("old_task"))
     return metrics
 
 
@@ -560,6 +619,18 @@ def _leak_check(run_dir: Path, decoded: DecodedImages, splits: Splits, drop: boo
                 "--drop-leaks removes them from val/test")
         log(f"{summary(leaks, decoded.samples)}; pairs in {run_dir / 'leaks.csv'}; {then}")
     return splits, info, dropped
+
+
+def _keep_lines(metrics: dict[str, Any]) -> list[str]:
+    """--init-from: the old task's accuracy before and after (forgetting), or why it was not measured."""
+    old, new = metrics.get("old_task"), metrics.get("new_task") or {}
+    if old is None:
+        return []
+    new_line = f"new task: accuracy {new['accuracy']:.4f} (n={new['n']})" if "accuracy" in new else ""
+    if not old.get("measured"):
+        return [f"old task ({old['n_classes']} classes of {old['source']}): not measured — {old['reason']}", new_line]
+    return [f"old task: accuracy {old['accuracy_before']:.4f} before, {old['accuracy_after']:.4f} after "
+            f"(forgetting {old['forgetting']:+.4f}, n={old['n']}, keep {old['keep']})", new_line]
 
 
 def _trust_lines(metrics: dict[str, Any]) -> list[str]:

@@ -61,6 +61,9 @@ METRICS_SCHEMA: dict[str, str] = {
     "distributed*": "{world_size: processes that trained the run}",
     "calibration*": "expected calibration error and reliability bins on test",
     "groups": "per-group metrics when the data has a group column",
+    "old_task": "--init-from: source, n_classes, keep, measured; with --old-data accuracy_before, accuracy_after, "
+                "forgetting (before - after on the old data's test split), per_class recall before/after; else reason",
+    "new_task": "--init-from: n and accuracy on the new data's test images (all classes competing)",
     "leaks*": "pairs, exact, near, dropped, label_conflicts",
     "targets*": "each --target with its value and passed",
     "diagnosis*": "learning-curve findings",

@@ -26,6 +26,7 @@ from .seeding import seeded, stage_seed
 from .selection import Scored, choose
 
 WISE_ALPHAS = (0.5, 0.75)  # besides 1.0 (the fine-tuned weights); 0.0 is the linear probe, a candidate of its own
+KEEP_ALPHAS = (0.25, 0.5, 0.75)  # keeping an old task: lower alphas trade new accuracy for old (chosen on both vals)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Candidate:
     fine_tune: Any = None
     row: dict[str, Any] = field(default_factory=dict)
     alpha: float | None = None
+    alpha_curve: list[dict[str, Any]] | None = None  # WiSE-FT: val figures per alpha tried
 
 
 @dataclass
@@ -73,14 +75,15 @@ def run_search(cfg: TrainConfig, plan: Any, backbone: Any, data: Any, features: 
     budget = Budget(parse_budget(cfg.budget) if cfg.budget else None, time.perf_counter() - spent,
                     reserve=fwd * 2 * max(len(val), len(data.decoded.samples) - len(train) - len(val)) + 10,
                     source=f"--budget {cfg.budget}" if cfg.budget else "the default budget")
-    probe = _probe(cfg, data, features, log) if features.values is not None else None
+    old = getattr(data, "old", None)  # keep.OldTask of an --init-from run: the sklearn probe cannot keep old rows
+    probe = _probe(cfg, data, features, log) if features.values is not None and old is None else None
     if auto and not cfg.budget and not cfg.budget_factor:
         budget.seconds = default_budget(plan.device, spent + (probe.seconds if probe is not None else 0.0))
         budget.source = f"the default budget, {budget.seconds / 60:.0f} min"
     if auto and cfg.budget_factor:
-        by_factor = cfg.budget_factor * (spent + probe.seconds)
+        by_factor = cfg.budget_factor * (spent + (probe.seconds if probe is not None else 0.0))
         budget.seconds = min(budget.seconds, by_factor) if budget.seconds else by_factor
-        budget.source = f"--budget-factor {cfg.budget_factor:g} x the probe's {spent + probe.seconds:.0f}s"
+        budget.source = f"--budget-factor {cfg.budget_factor:g} x the probe's {by_factor / cfg.budget_factor:.0f}s"
     unfreezing = any(not get_strategy(n).uses_cached_features for n in plan.candidates)
     init = (_lp_init(cfg, backbone, data, features, run_dir, log)
             if unfreezing and features.values is not None and cfg.head_init == "probe" else None)
@@ -89,6 +92,8 @@ def run_search(cfg: TrainConfig, plan: Any, backbone: Any, data: Any, features: 
     rows: list[dict[str, Any]] = []
     for name in plan.candidates:
         strategy = get_strategy(name)
+        if old is not None:  # the head keeps the old one's architecture (its rows are the old classes)
+            strategy.head_hidden = old.hidden
         hp = plan.hp if not auto else resolve_hp(cfg, strategy, backbone, len(train))
         predicted = 0.0
         if not strategy.uses_cached_features:
@@ -105,7 +110,7 @@ def run_search(cfg: TrainConfig, plan: Any, backbone: Any, data: Any, features: 
                     f"(~{predicted * search.speed:.0f}s per epoch predicted)")
                 hp = {**hp, "epochs": fits, "epochs_shortened_from": hp["epochs"]}
         t0 = time.perf_counter()
-        if name == "linear-probe":
+        if name == "linear-probe" and probe is not None:
             cand = Candidate(name, strategy, hp, backbone.net, probe.head, probe.val_logits, probe.seconds,
                              _probe_rows(probe, len(train)), probe=_probe_result(probe, len(train)))
         elif strategy.uses_cached_features:
@@ -114,7 +119,8 @@ def run_search(cfg: TrainConfig, plan: Any, backbone: Any, data: Any, features: 
             stop = search.stopper(name, hp["epochs"]) if auto else None
             cand = _fine_tune_candidate(cfg, plan, strategy, hp, backbone, data, init, run_dir, progress, log,
                                         stop, several=len(plan.candidates) > 1)
-        cand.seconds = time.perf_counter() - t0 if name != "linear-probe" else probe.seconds
+        cand.seconds = time.perf_counter() - t0 if cand.probe is None or probe is None or name != "linear-probe" \
+            else probe.seconds
         if cand.fine_tune is not None:
             search.learn_speed(predicted, [r.seconds for r in cand.fine_tune.history[1:]])
         acc = float((cand.val_logits.argmax(1) == yv).mean()) if len(yv) else 0.0
@@ -161,8 +167,21 @@ def _lp_init(cfg: TrainConfig, backbone: Any, data: Any, features: Any, run_dir:
 
     num_features = backbone.net.num_features if backbone.net is not None else backbone.card.num_features
     hp = get_strategy("linear-probe").resolve(TrainConfig(data=cfg.data, seed=cfg.seed))
-    head = new_head(cfg, num_features, data.labels, None, backbone.net)
+    old = getattr(data, "old", None)
+    head = _imprinted(new_head(cfg, num_features, data.labels, old.hidden if old is not None else None, backbone.net),
+                      data, features)
     return fit_head(cfg, hp, head, features, data, run_dir, "head-init", log)
+
+
+def _imprinted(head: Any, data: Any, features: Any) -> Any:
+    """--init-from: the new classes' rows imprinted from their training features (keep.imprint)."""
+    from .keep import imprint
+
+    old = getattr(data, "old", None)
+    if old is None or features.values is None:
+        return head
+    train = data.splits.train
+    return imprint(head, features.values[train], data.y[train], old.n_old)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +218,7 @@ def _probe_result(probe: Any, n_train: int) -> Any:
 def _head_candidate(cfg: TrainConfig, strategy: Any, hp: dict[str, Any], backbone: Any, data: Any, features: Any,
                     run_dir: Path, log: Callable[[str], None]) -> Candidate:
     num_features = backbone.net.num_features if backbone.net is not None else backbone.card.num_features
-    head = new_head(cfg, num_features, data.labels, strategy.head_hidden, backbone.net)
+    head = _imprinted(new_head(cfg, num_features, data.labels, strategy.head_hidden, backbone.net), data, features)
     head, result = fit_head(cfg, hp, head, features, data, run_dir, "head", log)
     with torch.no_grad():
         logits = head(features.values[data.splits.val].float()).numpy()
@@ -216,11 +235,11 @@ def _fine_tune_candidate(cfg: TrainConfig, plan: Any, strategy: Any, hp: dict[st
     checkpoint = "fine-tune.pt" if not several else f"fine-tune-{strategy.name.replace(':', '')}.pt"
     net, result = fine_tune(cfg, plan, net, data, run_dir, progress, log, stop=stop, checkpoint=checkpoint)
     logits = _val_logits(plan, net, data, False)
-    alpha = 1.0
+    alpha, curve = 1.0, None
     if cfg.interpolate != "none" and strategy.name != "scratch" and result.best_epoch > 0:
-        alpha, logits = _choose_alpha(cfg, plan, net, start, data, logits, log)
+        alpha, logits, curve = _choose_alpha(cfg, plan, net, start, data, logits, log)
     return Candidate(strategy.name, strategy, hp, net, net.head, logits, 0.0, result.as_rows(), fine_tune=result,
-                     alpha=alpha)
+                     alpha=alpha, alpha_curve=curve)
 
 
 def _start_net(cfg: TrainConfig, strategy: Any, backbone: Any, data: Any, init: Any, several: bool) -> Any:
@@ -243,22 +262,38 @@ def _start_net(cfg: TrainConfig, strategy: Any, backbone: Any, data: Any, init: 
 
 
 def _choose_alpha(cfg: TrainConfig, plan: Any, net: Any, start: dict[str, Any], data: Any, tuned: np.ndarray,
-                  log: Callable[[str], None]) -> tuple[float, np.ndarray]:
+                  log: Callable[[str], None]) -> tuple[float, np.ndarray, list[dict[str, Any]]]:
     """WiSE-FT: theta(alpha) = (1 - alpha) * start + alpha * fine-tuned, alpha in WISE_ALPHAS or 1, chosen on val
-    (`--interpolate ALPHA` forces one)."""
+    (`--interpolate ALPHA` forces one). A run that keeps an old task with old data maximises the mean of the old-data
+    and the new-data val accuracy over alpha in KEEP_ALPHAS and 1 (the guides' balance of the two tasks); returns the
+    alpha, its val logits and the curve (one row per alpha)."""
+    from .keep import both_tasks_accuracy
+
     end = copy.deepcopy(net.state_dict())
-    alphas = [float(cfg.interpolate)] if cfg.interpolate not in ("auto", "none") else list(WISE_ALPHAS)
-    scored = [Scored.from_logits("1", tuned)] if cfg.interpolate == "auto" else []
+    old, is_old = getattr(data, "old", None), getattr(data, "is_old", None)
+    both = old is not None and is_old is not None and is_old[data.splits.val].any() and (~is_old[data.splits.val]).any()
+    grid = KEEP_ALPHAS if both else WISE_ALPHAS
+    alphas = [float(cfg.interpolate)] if cfg.interpolate not in ("auto", "none") else list(grid)
+    yv = data.y[data.splits.val]
     logits = {1.0: tuned}
     for a in alphas:
         net.load_state_dict(_mix(start, end, a))
         logits[a] = _val_logits(plan, net, data, False)
-        scored.append(Scored.from_logits(f"{a:g}", logits[a]))
-    pick = choose(scored, data.y[data.splits.val])
-    alpha = float(pick.name)
+    curve = [{"alpha": a, "val_accuracy": float((lg.argmax(1) == yv).mean()),
+              **(both_tasks_accuracy(lg, yv, is_old[data.splits.val]) if both else {})}
+             for a, lg in sorted(logits.items())]
+    if cfg.interpolate not in ("auto", "none"):
+        alpha, why = float(cfg.interpolate), f"--interpolate {cfg.interpolate}"
+    elif both:  # the highest mean of the two tasks' val accuracy; ties to the larger alpha (the fine-tuned side)
+        best = max(curve, key=lambda r: (round(r["mean"], 6), r["alpha"]))
+        alpha, why = best["alpha"], (f"mean of old ({best['old_accuracy']:.3f}) and new ({best['new_accuracy']:.3f}) "
+                                     f"val accuracy {best['mean']:.3f}, the highest over alpha")
+    else:
+        pick = choose([Scored.from_logits(f"{a:g}", lg) for a, lg in sorted(logits.items(), reverse=True)], yv)
+        alpha, why = float(pick.name), pick.reason.split(" kept by ")[-1]
     net.load_state_dict(_mix(start, end, alpha))
-    log(f"  WiSE-FT: alpha {alpha:g} kept ({pick.reason.split(' kept by ')[-1]})")
-    return alpha, logits[alpha]
+    log(f"  WiSE-FT: alpha {alpha:g} kept ({why})")
+    return alpha, logits[alpha], curve
 
 
 def _mix(start: dict[str, Any], end: dict[str, Any], alpha: float) -> dict[str, Any]:
@@ -273,7 +308,7 @@ def _last_points(cfg: TrainConfig, plan: Any, winner: Candidate, backbone: Any, 
                  probe: Any, init: Any, run_dir: Path, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     plan = replace(plan, strategy=winner.strategy, hp=winner.hp)
     yv = data.y[data.splits.val]
-    extras: dict[str, Any] = {"wise_alpha": winner.alpha, "probe_C": probe.C if probe is not None else None,
+    extras: dict[str, Any] = {"wise_alpha": winner.alpha, "wise_curve": winner.alpha_curve, "probe_C": probe.C if probe is not None else None,
                               "probe_grid": probe.choice.table if probe is not None else None}
     logits, tta = winner.val_logits, False
     net = winner.net
@@ -297,9 +332,9 @@ def _last_points(cfg: TrainConfig, plan: Any, winner: Candidate, backbone: Any, 
     extras["val"] = {"accuracy": float((logits.argmax(1) == yv).mean()) if len(yv) else None,
                      "loss_calibrated": float(nll.mean()) if len(yv) else None, "n": len(yv)}
     extras["val_logits"] = logits
-    refit = cfg.refit == "on" or (cfg.refit == "auto" and winner.name == "linear-probe")
+    refit = cfg.refit == "on" or (cfg.refit == "auto" and winner.name == "linear-probe" and probe is not None)
     extras["refit"] = False
-    if refit and winner.name == "linear-probe":
+    if refit and winner.name == "linear-probe" and probe is not None:
         from .probe import refit_probe
 
         feats = features.values.float().numpy()
@@ -414,33 +449,43 @@ def _round_to(value: float, multiple: int) -> int:
 def new_head(cfg: TrainConfig, num_features: int, labels: Any, hidden: int | None, net: Any,
              stage: str = "head") -> Any:
     """A fresh head for the task, seeded for its own stage; a starting run's head when its label space is the same
-    (a run continued on the same classes keeps what it learned)."""
+    (a run continued on the same classes keeps what it learned), or its rows followed by fresh ones when the label
+    space starts with its classes (`--init-from`: old classes kept, new ones added; keep.extend_head)."""
     from .backbones import make_head
+    from .keep import extend_head
 
     with seeded(cfg.seed, stage):
         head = make_head(num_features, len(labels), hidden)
     start = getattr(net, "pretrained_head", None) if net is not None else None
-    if start is not None and start.labels.classes == labels.classes and start.hidden == hidden:
-        head.load_state_dict(start.layer.state_dict())
+    if start is not None and start.hidden == hidden:
+        n_old = len(start.labels.classes)
+        if start.labels.classes == labels.classes:
+            head.load_state_dict(start.layer.state_dict())
+        elif tuple(labels.classes[:n_old]) == tuple(start.labels.classes):
+            extend_head(head, start.layer, n_old)
     return head
 
 
 def fit_head(cfg: TrainConfig, hp: dict[str, Any], head: Any, features: Any, data: Any, run_dir: Path, phase: str,
              log: Callable[[str], None]) -> tuple[Any, Any]:
     """Train a head (the MLP of strategy `head`) on the cached features with AdamW, early-stopped on val."""
+    from .keep import training_parts
     from .strategies import decay_groups
     from .train import LoopSettings, fit
 
     feats, y = features.values.float(), torch.as_tensor(data.y)
     tensors = {name: torch.utils.data.TensorDataset(feats[idx], y[idx]) for name, idx in data.splits.items()}
     groups = decay_groups("head", list(head.named_parameters()), hp["lr"], hp["weight_decay"])
+    old = getattr(data, "old", None)  # on cached features the old head alone is the teacher (the backbone is frozen)
+    sampler, loss = training_parts(old, data.splits.train, getattr(data, "is_old", None), hp["batch_size"],
+                                   old.head if old is not None else None, cfg.label_smoothing)
     result = fit(head, tensors["train"], tensors["val"], groups,
                  LoopSettings(epochs=hp["epochs"], batch_size=hp["batch_size"], warmup_epochs=cfg.warmup_epochs,
                               patience=hp["patience"], num_workers=0, phase=phase, progress=False,
                               checkpoint=run_dir / CHECKPOINT_DIR / f"{phase}.pt", checkpoint_every=10.0,
                               distributed=False, label_smoothing=cfg.label_smoothing,
                               seed=stage_seed(cfg.seed, phase), precision=_precision(), grad_accum=cfg.grad_accum,
-                              checkpoint_key=data.key),
+                              checkpoint_key=data.key, batch_sampler=sampler, loss=loss),
                  log=log)
     head = head.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
     log(f"head on frozen features: val accuracy {result.best_val_accuracy:.3f} (epoch {result.best_epoch})")
@@ -457,6 +502,7 @@ def fine_tune(cfg: TrainConfig, plan: Any, net: Any, data: Any, run_dir: Path, p
               log: Callable[[str], None], stop: Any = None, checkpoint: str = "fine-tune.pt") -> tuple[Any, Any]:
     """Train the blocks the strategy unfreezes (and the head) on augmented images; LoRA merges its adapters."""
     from .data import PixelDataset, eval_transform, train_transform
+    from .keep import Teacher, training_parts
     from .strategies import set_norms_eval
     from .train import LoopSettings, default_workers, fit
 
@@ -466,6 +512,10 @@ def fine_tune(cfg: TrainConfig, plan: Any, net: Any, data: Any, run_dir: Path, p
     train_ds = PixelDataset(data.decoded.pixels, splits.train, y[splits.train].tolist(),
                             train_transform(pp, hp["augment"], train_size))
     val_ds = PixelDataset(data.decoded.pixels, splits.val, y[splits.val].tolist(), eval_transform(pp))
+    old = getattr(data, "old", None)
+    teacher = Teacher(net, old.head) if old is not None and old.distill and strategy.name != "scratch" else None
+    sampler, loss = training_parts(old, splits.train, getattr(data, "is_old", None), hp["batch_size"], teacher,
+                                   cfg.label_smoothing)
     module = strategy.wrap(net, hp)
     groups = strategy.param_groups(module, hp)
     strategy.apply(module, 0, hp["epochs"])
@@ -474,7 +524,8 @@ def fine_tune(cfg: TrainConfig, plan: Any, net: Any, data: Any, run_dir: Path, p
                               patience=hp["patience"], num_workers=workers, phase="fine-tune", progress=progress,
                               checkpoint=run_dir / CHECKPOINT_DIR / checkpoint, label_smoothing=cfg.label_smoothing,
                               seed=stage_seed(cfg.seed, "fine-tune"), precision=plan.precision,
-                              grad_accum=cfg.grad_accum, checkpoint_key=data.key + strategy.name, stop=stop),
+                              grad_accum=cfg.grad_accum, checkpoint_key=data.key + strategy.name, stop=stop,
+                              batch_sampler=sampler, loss=loss),
                  on_epoch_start=lambda e: strategy.apply(module, e, hp["epochs"]),
                  after_train_mode=lambda m: set_norms_eval(m, not cfg.train_bn_stats), log=log)
     if module is not net:  # LoRA: keep the adapter (with its head) as peft saves it, then merge for inference

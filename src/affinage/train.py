@@ -111,6 +111,11 @@ class LoopSettings:
     # asked after every epoch but the last with (epoch, val loss, val accuracy, epoch seconds): a reason to stop now
     # (auto's budget and successive halving), or None to go on. The best weights so far are kept, as for patience.
     stop: Callable[[int, float, float, float], str | None] | None = None
+    # the batches of an epoch, built from the loop's generator (keep.ReplayBatchSampler: a share of old images in
+    # every batch); None: shuffled batches of batch_size
+    batch_sampler: Callable[[torch.Generator], Any] | None = None
+    # loss(logits, y, x) in place of cross-entropy with label smoothing (keep.DistillLoss reads the inputs)
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -217,9 +222,15 @@ def _loop_parts(module: nn.Module, train_data: Any, val_data: Any, groups: list[
     val_batch = global_batch_size(max(64, settings.batch_size) + processes - 1, processes) if together else max(64, settings.batch_size)
     generator = torch.Generator()  # re-seeded at every epoch start (seed_epoch)
     # Workers are not persistent: started afresh each epoch, they take that epoch's seed (resumable augmentation).
-    train_loader = torch.utils.data.DataLoader(
-        train_data, batch_size=batch_size, shuffle=True, generator=generator, drop_last=len(train_data) > batch_size,
-        num_workers=settings.num_workers, worker_init_fn=_seed_worker if settings.num_workers else None)
+    if settings.batch_sampler is not None:
+        train_loader = torch.utils.data.DataLoader(
+            train_data, batch_sampler=settings.batch_sampler(generator), num_workers=settings.num_workers,
+            worker_init_fn=_seed_worker if settings.num_workers else None)
+    else:
+        train_loader = torch.utils.data.DataLoader(
+            train_data, batch_size=batch_size, shuffle=True, generator=generator,
+            drop_last=len(train_data) > batch_size, num_workers=settings.num_workers,
+            worker_init_fn=_seed_worker if settings.num_workers else None)
     val_loader = torch.utils.data.DataLoader(val_data, batch_size=val_batch, shuffle=False,
                                              num_workers=settings.num_workers)
     if device.type == "cpu" or any(isinstance(m, nn.Conv2d) for m in module.modules()):
@@ -292,8 +303,9 @@ class _Loop:
                    leave=False, disable=not progress, mininterval=1.0)
         for step, (x, y) in enumerate(bar, start=1):
             with accelerator.accumulate(module):
-                logits = module(to_device(x, accelerator.device))
-                loss = loss_fn(logits.float(), y)
+                x = to_device(x, accelerator.device)
+                logits = module(x)
+                loss = loss_fn(logits.float(), y) if settings.loss is None else settings.loss(logits.float(), y, x)
                 accelerator.backward(loss)
                 self.frozen.drop_frozen_grads()
                 self.optimizer.step()
