@@ -224,23 +224,27 @@ def extend_head(head: nn.Module, old: nn.Module, n_old: int) -> nn.Module:
 
 
 def imprint(head: nn.Module, features: torch.Tensor, y: np.ndarray, n_old: int) -> nn.Module:
-    """Weight imprinting (Qi et al., 2018) of a linear head's new rows: each new class's row points along the mean
-    of its training features, scaled to the old rows' median norm, its bias the old biases' median. Fresh rows
-    next to a trained classifier's start far smaller than the old ones, and the old classes win every image until
-    the new rows have grown; imprinted ones compete from the first step. MLP heads keep their fresh init."""
+    """Weight imprinting (Qi et al., 2018) of a linear head's new rows, centred: each new class's row points from
+    the mean training feature to its class mean, scaled to the old rows' median norm, and its bias makes its logit at
+    the mean feature the old rows' median logit there. Fresh rows next to a trained classifier start far smaller than
+    the old ones, and the old classes win every image until the new rows have grown; uncentred imprinted rows (pooled
+    features are all positive, so every image's feature is close to every class mean) win every image instead.
+    MLP heads keep their fresh init."""
     if not isinstance(head, nn.Linear) or head.out_features <= n_old or n_old == 0:
         return head
     with torch.no_grad():
         w, b = head.weight, head.bias
         scale = w[:n_old].norm(dim=1).median()
         feats = features.float()
+        centre = feats.mean(0)
+        old_logit = (w[:n_old] @ centre + (b[:n_old] if b is not None else 0.0)).median()
         for k in range(n_old, head.out_features):
             members = feats[torch.as_tensor(y == k)]
             if len(members):
-                mean = members.mean(0)
-                w[k] = mean / mean.norm().clamp_min(1e-12) * scale
+                direction = members.mean(0) - centre
+                w[k] = direction / direction.norm().clamp_min(1e-12) * scale
                 if b is not None:
-                    b[k] = b[:n_old].median()
+                    b[k] = old_logit - w[k] @ centre
     return head
 
 
@@ -328,6 +332,19 @@ def training_parts(old: OldTask | None, train: Sequence[int], is_old: np.ndarray
 
     loss = DistillLoss(teacher, old.temperature, old.weight, label_smoothing) if old.distill and teacher else None
     return sampler, loss
+
+
+def val_weights(old: OldTask | None, val: Sequence[int], is_old: np.ndarray | None) -> torch.Tensor | None:
+    """Per val image weights whose weighted accuracy is the mean of the old-data and the new-data val accuracy
+    (None where val holds one of them only): the epoch kept serves both tasks, not the one with more val images
+    (oxford17's 340 old val images against hymenoptera's 37 new ones)."""
+    if old is None or is_old is None:
+        return None
+    flags = is_old[list(val)]
+    n_old, n_new = int(flags.sum()), int((~flags).sum())
+    if not n_old or not n_new:
+        return None
+    return torch.as_tensor(np.where(flags, 0.5 / n_old, 0.5 / n_new), dtype=torch.float64)
 
 
 def training_indices(old: OldTask | None, train: list[int], is_old: np.ndarray | None) -> list[int]:

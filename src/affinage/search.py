@@ -469,7 +469,7 @@ def new_head(cfg: TrainConfig, num_features: int, labels: Any, hidden: int | Non
 def fit_head(cfg: TrainConfig, hp: dict[str, Any], head: Any, features: Any, data: Any, run_dir: Path, phase: str,
              log: Callable[[str], None]) -> tuple[Any, Any]:
     """Train a head (the MLP of strategy `head`) on the cached features with AdamW, early-stopped on val."""
-    from .keep import training_parts
+    from .keep import training_parts, val_weights
     from .strategies import decay_groups
     from .train import LoopSettings, fit
 
@@ -485,7 +485,8 @@ def fit_head(cfg: TrainConfig, hp: dict[str, Any], head: Any, features: Any, dat
                               checkpoint=run_dir / CHECKPOINT_DIR / f"{phase}.pt", checkpoint_every=10.0,
                               distributed=False, label_smoothing=cfg.label_smoothing,
                               seed=stage_seed(cfg.seed, phase), precision=_precision(), grad_accum=cfg.grad_accum,
-                              checkpoint_key=data.key, batch_sampler=sampler, loss=loss),
+                              checkpoint_key=data.key, batch_sampler=sampler, loss=loss,
+                              val_weights=val_weights(old, data.splits.val, getattr(data, "is_old", None))),
                  log=log)
     head = head.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
     log(f"head on frozen features: val accuracy {result.best_val_accuracy:.3f} (epoch {result.best_epoch})")
@@ -502,7 +503,7 @@ def fine_tune(cfg: TrainConfig, plan: Any, net: Any, data: Any, run_dir: Path, p
               log: Callable[[str], None], stop: Any = None, checkpoint: str = "fine-tune.pt") -> tuple[Any, Any]:
     """Train the blocks the strategy unfreezes (and the head) on augmented images; LoRA merges its adapters."""
     from .data import PixelDataset, eval_transform, train_transform
-    from .keep import Teacher, training_parts
+    from .keep import Teacher, training_parts, val_weights
     from .strategies import set_norms_eval
     from .train import LoopSettings, default_workers, fit
 
@@ -525,7 +526,8 @@ def fine_tune(cfg: TrainConfig, plan: Any, net: Any, data: Any, run_dir: Path, p
                               checkpoint=run_dir / CHECKPOINT_DIR / checkpoint, label_smoothing=cfg.label_smoothing,
                               seed=stage_seed(cfg.seed, "fine-tune"), precision=plan.precision,
                               grad_accum=cfg.grad_accum, checkpoint_key=data.key + strategy.name, stop=stop,
-                              batch_sampler=sampler, loss=loss),
+                              batch_sampler=sampler, loss=loss,
+                              val_weights=val_weights(old, splits.val, getattr(data, "is_old", None))),
                  on_epoch_start=lambda e: strategy.apply(module, e, hp["epochs"]),
                  after_train_mode=lambda m: set_norms_eval(m, not cfg.train_bn_stats), log=log)
     if module is not net:  # LoRA: keep the adapter (with its head) as peft saves it, then merge for inference

@@ -116,6 +116,9 @@ class LoopSettings:
     batch_sampler: Callable[[torch.Generator], Any] | None = None
     # loss(logits, y, x) in place of cross-entropy with label smoothing (keep.DistillLoss reads the inputs)
     loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # per val image, in val order, summing to 1: val accuracy is the weighted one (keep.val_weights: the mean of the
+    # old task's and the new task's accuracy, whatever their val sizes); None: the plain accuracy
+    val_weights: torch.Tensor | None = None
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -280,6 +283,7 @@ class _Loop:
         model, device = self.unwrapped, self.accelerator.device
         model.eval()  # not through DDP: its forward would synchronise buffers
         loss_sum, correct, count = 0.0, 0, 0
+        weights, weighted = self.settings.val_weights, 0.0
         with torch.no_grad():
             for x, y in self.val_loader:
                 with autocast(device, self.settings.precision.inference_dtype):
@@ -288,9 +292,12 @@ class _Loop:
                 if self.together:  # every process's share of the batch, the padding of an uneven last batch dropped
                     logits, y = self.accelerator.gather_for_metrics((logits, y))
                 loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-                correct += int((logits.argmax(1) == y).sum())
+                hits = logits.argmax(1) == y
+                if weights is not None:
+                    weighted += float((hits.double().cpu() * weights[count:count + len(y)].double()).sum())
+                correct += int(hits.sum())
                 count += len(y)
-        return loss_sum / max(1, count), correct / max(1, count)
+        return loss_sum / max(1, count), weighted if weights is not None else correct / max(1, count)
 
     def train_epoch(self, epoch: int, loss_fn: nn.Module, progress: bool) -> tuple[float, int, int]:
         """One pass over the training data: (loss sum, correct, count) over all processes. Sets `result.diverged`
