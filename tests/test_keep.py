@@ -208,3 +208,21 @@ def test_val_accuracy_while_keeping_is_the_mean_of_both_tasks():
     correct = np.array([1.0] * 30 + [0.0] * 10)  # every old image right, every new one wrong
     assert float((w.numpy() * correct).sum()) == pytest.approx(0.5)  # not 0.75: both tasks count equally
     assert val_weights(old, list(range(30)), is_old) is None  # one task only in val: the plain accuracy
+
+
+def test_new_class_offset_undoes_a_recency_bias_chosen_on_val():
+    from affinage.keep import add_new_class_offset, new_class_offset
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 20 + [2, 3] * 20)
+    is_old = y < 2
+    logits = rng.normal(0, 0.3, (80, 4))
+    logits[np.arange(80), y] += 2.0
+    logits[:, 2:] += 3.0  # every image pushed to the new classes: the old ones are always wrong
+    assert (logits[is_old].argmax(1) == y[is_old]).mean() == 0.0
+    delta, curve = new_class_offset(logits, y, is_old, 2)
+    assert -6 <= delta <= -1.5 and len(curve) > 10
+    head = torch.nn.Linear(3, 4)
+    before = head.bias.detach().clone()
+    add_new_class_offset(head, 2, delta)
+    assert torch.equal(head.bias[:2], before[:2]) and torch.allclose(head.bias[2:], before[2:] + delta)

@@ -367,6 +367,30 @@ def both_tasks_accuracy(logits: np.ndarray, y: np.ndarray, is_old: np.ndarray) -
     return {"old_accuracy": old, "new_accuracy": new, "mean": float(np.mean(both)) if both else None}
 
 
+OFFSETS = np.round(np.arange(-6.0, 6.01, 0.25), 2)  # logit offsets of the new classes tried by `new_class_offset`
+
+
+def new_class_offset(logits: np.ndarray, y: np.ndarray, is_old: np.ndarray, n_old: int) -> tuple[float, list[Any]]:
+    """Bias correction (BiC, Wu et al. 2019, with one parameter): the offset added to the new classes' logits that
+    maximises the mean of the old-data and new-data val accuracy (ties: the offset nearest 0). Training on new
+    images pushes the new classes' logits up on every image (task-recency bias; plain and distilled fine-tuning
+    both); val, which holds old images, says by how much. Returns the offset and the curve."""
+    curve = []
+    for delta in OFFSETS:
+        shifted = logits.copy()
+        shifted[:, n_old:] += delta
+        curve.append({"offset": float(delta), **both_tasks_accuracy(shifted, y, is_old)})
+    best = max(curve, key=lambda r: (round(r["mean"], 6), -abs(r["offset"])))
+    return best["offset"], curve
+
+
+def add_new_class_offset(head: nn.Module, n_old: int, delta: float) -> None:
+    """Add `delta` to the bias of the new classes' outputs of `head`'s last linear layer."""
+    last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias[n_old:] += delta
+
+
 def old_task_metrics(old: OldTask, before_logits: np.ndarray | None, after_logits: np.ndarray, y: np.ndarray,
                      is_old: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """metrics.json's `old_task` and `new_task` blocks from the test split's logits (the union model's) and the old

@@ -312,6 +312,7 @@ def _last_points(cfg: TrainConfig, plan: Any, winner: Candidate, backbone: Any, 
                               "probe_grid": probe.choice.table if probe is not None else None}
     logits, tta = winner.val_logits, False
     net = winner.net
+    logits = _new_class_offset(winner, data, logits, extras, log)
     if cfg.tta != "off" and net is not None:
         flipped = split_logits(plan, net, winner.head, data, features, data.splits.val, True, False)
         if cfg.tta == "on":
@@ -349,6 +350,30 @@ def _last_points(cfg: TrainConfig, plan: Any, winner: Candidate, backbone: Any, 
                               else "--refit on" if cfg.refit == "on" else
                               "off by default for strategies that train the backbone (a second training); --refit on")
     return extras
+
+
+def _new_class_offset(winner: Candidate, data: Any, logits: np.ndarray, extras: dict[str, Any],
+                      log: Callable[[str], None]) -> np.ndarray:
+    """--init-from with old images in val: the new classes' logit offset chosen on val (keep.new_class_offset),
+    added to the kept head's bias; the val logits with it."""
+    from .keep import add_new_class_offset, new_class_offset
+
+    old, is_old = getattr(data, "old", None), getattr(data, "is_old", None)
+    if old is None or is_old is None or winner.head is None:
+        return logits
+    flags = is_old[data.splits.val]
+    if not flags.any() or flags.all():
+        return logits
+    delta, curve = new_class_offset(logits, data.y[data.splits.val], flags, old.n_old)
+    extras.update(new_class_offset=delta, new_class_offset_curve=curve)
+    if delta:
+        add_new_class_offset(winner.head, old.n_old, delta)
+        logits = logits.copy()
+        logits[:, old.n_old:] += delta
+    row = next(r for r in curve if r["offset"] == delta)
+    log(f"new classes' logit offset {delta:+g} chosen on val (old {row['old_accuracy']:.3f}, new "
+        f"{row['new_accuracy']:.3f} val accuracy)")
+    return logits
 
 
 def _refit_fine_tune(cfg: TrainConfig, plan: Any, winner: Candidate, backbone: Any, data: Any, init: Any,
