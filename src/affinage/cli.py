@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .config import AUGMENT_PRESETS, COMPARE_STRATEGIES, PRECISIONS, STRATEGY_NAMES
+from .config import AUGMENT_PRESETS, COMPARE_STRATEGIES, KEEP_MODES, PRECISIONS, STRATEGY_NAMES
 from .errors import AffinageError
 
 DEMO_DATA = "digits"
@@ -51,7 +51,7 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
     k.add_argument("--old-data", metavar="DATA",
                    help="labelled images of the old classes (any --data source): replayed while training, their test "
                         "split measures forgetting")
-    k.add_argument("--keep", choices=("none", "replay", "distill", "replay+distill"),
+    k.add_argument("--keep", choices=KEEP_MODES,
                    help="how to keep the old task (default: replay with --old-data, else distill)")
     k.add_argument("--replay-fraction", type=float, default=0.5, metavar="F",
                    help="share of each batch drawn from --old-data (default: %(default)s)")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import COMPARE_STRATEGIES, check_strategy
+from .config import COMPARE_STRATEGIES, KEEP_MODES, check_strategy
 from .errors import AffinageError
 from .runfiles import read_metrics
 from .storage import atomic_path, write_text
@@ -71,9 +71,9 @@ def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[s
     if not names:
         raise AffinageError("no strategy to compare", f"pass e.g. --strategies {','.join(DEFAULT_STRATEGIES)}")
     modes = list(keeps) or [None]
-    bad = [m for m in modes if m is not None and m not in ("none", "replay", "distill", "replay+distill")]
+    bad = [m for m in modes if m is not None and m not in KEEP_MODES]
     if bad:
-        raise AffinageError(f"unknown --keep '{bad[0]}'", "choose among none, replay, distill, replay+distill")
+        raise AffinageError(f"unknown --keep '{bad[0]}'", f"choose among {', '.join(KEEP_MODES)}")
     root = prepare_run_dir(out, "compare")
     rows: list[dict[str, Any]] = []
     first: Path | None = None

@@ -31,6 +31,9 @@ def check_strategy(name: str) -> str:
                         f"choose one of {', '.join(STRATEGY_NAMES)} (N = number of last blocks to train, >= 1)")
 
 
+KEEP_MODES = ("none", "replay", "distill", "replay+distill")  # --keep: how an --init-from run keeps the old task
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a run. None means "the strategy's default" (resolved before training)."""
@@ -157,9 +160,8 @@ class TrainConfig:
             raise AffinageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}", "pass e.g. 0.1")
 
     def _check_keep(self) -> None:
-        keeps = ("none", "replay", "distill", "replay+distill")
-        if self.keep is not None and self.keep not in keeps:
-            raise AffinageError(f"unknown --keep '{self.keep}'", f"choose one of {', '.join(keeps)}")
+        if self.keep is not None and self.keep not in KEEP_MODES:
+            raise AffinageError(f"unknown --keep '{self.keep}'", f"choose one of {', '.join(KEEP_MODES)}")
         if self.init_from is None and (self.old_data or self.keep):
             raise AffinageError(f"--{'old-data' if self.old_data else 'keep'} needs --init-from (the model whose "
                                 "classes to keep)", "pass --init-from RUN_DIR or --init-from pretrained")

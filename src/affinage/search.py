@@ -75,7 +75,7 @@ def run_search(cfg: TrainConfig, plan: Any, backbone: Any, data: Any, features: 
     budget = Budget(parse_budget(cfg.budget) if cfg.budget else None, time.perf_counter() - spent,
                     reserve=fwd * 2 * max(len(val), len(data.decoded.samples) - len(train) - len(val)) + 10,
                     source=f"--budget {cfg.budget}" if cfg.budget else "the default budget")
-    old = getattr(data, "old", None)  # keep.OldTask of an --init-from run: the sklearn probe cannot keep old rows
+    old = data.old  # keep.OldTask of an --init-from run: the sklearn probe cannot keep old rows
     probe = _probe(cfg, data, features, log) if features.values is not None and old is None else None
     if auto and not cfg.budget and not cfg.budget_factor:
         budget.seconds = default_budget(plan.device, spent + (probe.seconds if probe is not None else 0.0))
@@ -119,8 +119,7 @@ def run_search(cfg: TrainConfig, plan: Any, backbone: Any, data: Any, features: 
             stop = search.stopper(name, hp["epochs"]) if auto else None
             cand = _fine_tune_candidate(cfg, plan, strategy, hp, backbone, data, init, run_dir, progress, log,
                                         stop, several=len(plan.candidates) > 1)
-        cand.seconds = time.perf_counter() - t0 if cand.probe is None or probe is None or name != "linear-probe" \
-            else probe.seconds
+        cand.seconds = probe.seconds if name == "linear-probe" and probe is not None else time.perf_counter() - t0
         if cand.fine_tune is not None:
             search.learn_speed(predicted, [r.seconds for r in cand.fine_tune.history[1:]])
         acc = float((cand.val_logits.argmax(1) == yv).mean()) if len(yv) else 0.0
@@ -167,7 +166,7 @@ def _lp_init(cfg: TrainConfig, backbone: Any, data: Any, features: Any, run_dir:
 
     num_features = backbone.net.num_features if backbone.net is not None else backbone.card.num_features
     hp = get_strategy("linear-probe").resolve(TrainConfig(data=cfg.data, seed=cfg.seed))
-    old = getattr(data, "old", None)
+    old = data.old
     head = _imprinted(new_head(cfg, num_features, data.labels, old.hidden if old is not None else None, backbone.net),
                       data, features)
     return fit_head(cfg, hp, head, features, data, run_dir, "head-init", log)
@@ -177,7 +176,7 @@ def _imprinted(head: Any, data: Any, features: Any) -> Any:
     """--init-from: the new classes' rows imprinted from their training features (keep.imprint)."""
     from .keep import imprint
 
-    old = getattr(data, "old", None)
+    old = data.old
     if old is None or features.values is None:
         return head
     train = data.splits.train
@@ -270,7 +269,7 @@ def _choose_alpha(cfg: TrainConfig, plan: Any, net: Any, start: dict[str, Any], 
     from .keep import both_tasks_accuracy
 
     end = copy.deepcopy(net.state_dict())
-    old, is_old = getattr(data, "old", None), getattr(data, "is_old", None)
+    old, is_old = data.old, data.is_old
     both = old is not None and is_old is not None and is_old[data.splits.val].any() and (~is_old[data.splits.val]).any()
     grid = KEEP_ALPHAS if both else WISE_ALPHAS
     alphas = [float(cfg.interpolate)] if cfg.interpolate not in ("auto", "none") else list(grid)
@@ -358,7 +357,7 @@ def _new_class_offset(winner: Candidate, data: Any, logits: np.ndarray, extras: 
     added to the kept head's bias; the val logits with it."""
     from .keep import add_new_class_offset, new_class_offset
 
-    old, is_old = getattr(data, "old", None), getattr(data, "is_old", None)
+    old, is_old = data.old, data.is_old
     if old is None or is_old is None or winner.head is None:
         return logits
     flags = is_old[data.splits.val]
@@ -501,8 +500,8 @@ def fit_head(cfg: TrainConfig, hp: dict[str, Any], head: Any, features: Any, dat
     feats, y = features.values.float(), torch.as_tensor(data.y)
     tensors = {name: torch.utils.data.TensorDataset(feats[idx], y[idx]) for name, idx in data.splits.items()}
     groups = decay_groups("head", list(head.named_parameters()), hp["lr"], hp["weight_decay"])
-    old = getattr(data, "old", None)  # on cached features the old head alone is the teacher (the backbone is frozen)
-    sampler, loss = training_parts(old, data.splits.train, getattr(data, "is_old", None), hp["batch_size"],
+    old = data.old  # on cached features the old head alone is the teacher (the backbone is frozen)
+    sampler, loss = training_parts(old, data.splits.train, data.is_old, hp["batch_size"],
                                    old.head if old is not None else None, cfg.label_smoothing)
     result = fit(head, tensors["train"], tensors["val"], groups,
                  LoopSettings(epochs=hp["epochs"], batch_size=hp["batch_size"], warmup_epochs=cfg.warmup_epochs,
@@ -511,7 +510,7 @@ def fit_head(cfg: TrainConfig, hp: dict[str, Any], head: Any, features: Any, dat
                               distributed=False, label_smoothing=cfg.label_smoothing,
                               seed=stage_seed(cfg.seed, phase), precision=_precision(), grad_accum=cfg.grad_accum,
                               checkpoint_key=data.key, batch_sampler=sampler, loss=loss,
-                              val_weights=val_weights(old, data.splits.val, getattr(data, "is_old", None))),
+                              val_weights=val_weights(old, data.splits.val, data.is_old)),
                  log=log)
     head = head.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
     log(f"head on frozen features: val accuracy {result.best_val_accuracy:.3f} (epoch {result.best_epoch})")
@@ -538,9 +537,9 @@ def fine_tune(cfg: TrainConfig, plan: Any, net: Any, data: Any, run_dir: Path, p
     train_ds = PixelDataset(data.decoded.pixels, splits.train, y[splits.train].tolist(),
                             train_transform(pp, hp["augment"], train_size))
     val_ds = PixelDataset(data.decoded.pixels, splits.val, y[splits.val].tolist(), eval_transform(pp))
-    old = getattr(data, "old", None)
+    old = data.old
     teacher = Teacher(net, old.head) if old is not None and old.distill and strategy.name != "scratch" else None
-    sampler, loss = training_parts(old, splits.train, getattr(data, "is_old", None), hp["batch_size"], teacher,
+    sampler, loss = training_parts(old, splits.train, data.is_old, hp["batch_size"], teacher,
                                    cfg.label_smoothing)
     module = strategy.wrap(net, hp)
     groups = strategy.param_groups(module, hp)
@@ -552,7 +551,7 @@ def fine_tune(cfg: TrainConfig, plan: Any, net: Any, data: Any, run_dir: Path, p
                               seed=stage_seed(cfg.seed, "fine-tune"), precision=plan.precision,
                               grad_accum=cfg.grad_accum, checkpoint_key=data.key + strategy.name, stop=stop,
                               batch_sampler=sampler, loss=loss,
-                              val_weights=val_weights(old, splits.val, getattr(data, "is_old", None))),
+                              val_weights=val_weights(old, splits.val, data.is_old)),
                  on_epoch_start=lambda e: strategy.apply(module, e, hp["epochs"]),
                  after_train_mode=lambda m: set_norms_eval(m, not cfg.train_bn_stats), log=log)
     if module is not net:  # LoRA: keep the adapter (with its head) as peft saves it, then merge for inference
