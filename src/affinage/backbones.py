@@ -111,6 +111,16 @@ class ImageClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.heads[self.task](self.backbone(x))
 
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks whose heads have a label space, the default one first."""
+        return [self.task] + [t for t in self.label_spaces if t != self.task and t in self.heads]
+
+    def forward_tasks(self, x: torch.Tensor) -> torch.Tensor:
+        """Every task's logits side by side, in `tasks` order (one task: the same as forward)."""
+        features = self.backbone(x)
+        return torch.cat([self.heads[t](features) for t in self.tasks], dim=1)
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -251,7 +261,10 @@ def load_saved_model(path: str | os.PathLike[str]) -> ImageClassifier:
     info = read_model_info(path)
     default = info.heads[info.task]
     model = rebuild_model(BackboneSpec.from_dict(info.backbone), info.preprocessing, len(default.labels), default.hidden)
-    model.task = info.task
+    if info.task != model.task:  # the model was built with a head for the default task name
+        del model.heads[model.task]
+        model.label_spaces.pop(model.task, None)
+        model.task = info.task
     for task, head in info.heads.items():
         model.set_head(task, make_head(model.num_features, len(head.labels), head.hidden), head.hidden, head.labels)
     state = load_state(path, info)

@@ -102,6 +102,16 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
     d.add_argument("--test-fraction", type=float, default=0.15, help="carved when no test split is given")
     d.add_argument("--splits-from", help="reuse the split lists of an earlier run directory")
     d.add_argument("--group-by", help="regex on the path whose first group names a sample's group (bias metrics)")
+    d.add_argument("--task", action="append", default=[], metavar="COLUMN", dest="tasks",
+                   help="a label column of the CSV to learn (repeatable: one backbone, one head per task; the first "
+                        "is stratified on and reported as `test`; empty cells of the others are unknown, masked). "
+                        "Default: the column `label`")
+    d.add_argument("--train-task", action="append", default=[], metavar="COLUMN", dest="train_tasks",
+                   help="several --task: only these tasks' losses train (repeatable; the others' heads are measured "
+                        "only): a single-task baseline on the same images and splits")
+    d.add_argument("--task-weighting", choices=("equal", "uncertainty"), default="equal",
+                   help="several --task: sum the task losses (equal, the default) or weigh them by learned "
+                        "uncertainty (Kendall et al. 2018)")
     d.add_argument("--min-per-class", type=int, metavar="N",
                    help="leave out the classes with fewer than N usable images (listed in skipped_files.csv with the "
                         "reason); default: refuse data with classes too small to split, naming them")
@@ -140,7 +150,7 @@ def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_epochs", "patience", "head_init", "image_size", "grad_accum", "val_fraction", "test_fraction",
             "splits_from", "group_by", "min_per_class", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha", "mean", "std",
             "budget", "budget_factor", "interpolate", "tta", "refit", "init_from", "old_data", "keep",
-            "replay_fraction", "distill_temperature", "distill_weight")
+            "replay_fraction", "distill_temperature", "distill_weight", "tasks", "task_weighting", "train_tasks")
     kwargs = {k: getattr(args, k) for k in keys}
     kwargs["pretrained"] = not args.no_pretrained
     kwargs["resume"] = args.resume
@@ -188,7 +198,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise AffinageError(f"no files found in {', '.join(args.images)}",
                             "pass image files, folders (searched recursively) or quoted globs such as 'photos/**/*.jpg'")
     k = min(args.top_k, len(run.classes))
-    table = CsvWriter(sys.stdout, k) if args.csv else None
+    table = CsvWriter(sys.stdout, k, [t.task for t in run.tasks]) if args.csv else None
     results: list[dict[str, Any]] = []
     predictions = iter_predictions(run, files, top_k=k, batch_size=args.batch_size,
                                    progress=not args.quiet and sys.stderr.isatty())
@@ -280,7 +290,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                             "pass --init-from RUN_DIR or --init-from pretrained")
     result = compare(data=args.data, model=args.model, strategies=[s for s in args.strategies.split(",") if s.strip()],
                      out=args.out, targets=args.target or [], seed=args.seed, train_args=extra, progress=not args.quiet,
-                     keeps=keeps)
+                     keeps=keeps, tasks=args.tasks, multitask_baseline=args.multitask_baseline)
     return 0 if result.cheapest is not None or not args.target else 1
 
 
@@ -390,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", metavar="MODES", help="with --init-from: compare these ways of keeping the old task, "
                                                    "e.g. none,replay,distill,replay+distill (one run per strategy "
                                                    "and mode; old/new accuracy and forgetting in the table)")
+    p.add_argument("--task", action="append", default=[], metavar="COLUMN", dest="tasks",
+                   help="as for `affinage train`: a label column of the CSV (repeatable: multi-task runs)")
+    p.add_argument("--multitask-baseline", action="store_true",
+                   help="with several --task: also train each task alone (same images, splits and strategy) and "
+                        "report the per-task difference and LibMTL's Delta_m (multitask.csv)")
     p.add_argument("--quiet", action="store_true", help="no progress bars in the runs")
     p.set_defaults(func=cmd_compare)
     return parser

@@ -50,6 +50,7 @@ class Comparison:
     summary: str
     auto_pick: str = ""  # the strategy `train --strategy auto`'s rule keeps among these rows (= best)
     auto_reason: str = ""  # why, in words
+    multitask: list[dict[str, Any]] | None = None  # --multitask-baseline: multitask_table's rows
 
 
 def _say(msg: str) -> None:
@@ -59,10 +60,12 @@ def _say(msg: str) -> None:
 def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[str] = DEFAULT_STRATEGIES,
             out: str | os.PathLike[str] | None = None, targets: Sequence[str] = (), seed: int = 0,
             train_args: Sequence[str] = (), progress: bool = True, log: Callable[[str], None] = _say,
-            keeps: Sequence[str] = ()) -> Comparison:
+            keeps: Sequence[str] = (), tasks: Sequence[str] = (), multitask_baseline: bool = False) -> Comparison:
     """Run `strategies` on one split (the first run makes it, the others reuse its split lists) and write
     compare.csv, compare.md and compare.png in `out`. `train_args` are extra `affinage train` options; `keeps`
-    (with --init-from in them): one run per strategy and way of keeping the old task, its forgetting in the row."""
+    (with --init-from in them): one run per strategy and way of keeping the old task, its forgetting in the row.
+    `tasks`: the CSV's label columns (several: multi-task runs); with `multitask_baseline`, each strategy also trains
+    every task alone (`--train-task T`, same images and splits) and multitask.csv gives the per-task difference."""
     from .run import prepare_run_dir
 
     names = [check_strategy(s) for s in strategies]
@@ -74,15 +77,23 @@ def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[s
     bad = [m for m in modes if m is not None and m not in KEEP_MODES]
     if bad:
         raise AffinageError(f"unknown --keep '{bad[0]}'", f"choose among {', '.join(KEEP_MODES)}")
+    if multitask_baseline and len(tasks) < 2:
+        raise AffinageError("--multitask-baseline needs several --task columns (it trains each one alone)",
+                            "pass e.g. --task masterCategory --task gender --task baseColour")
     root = prepare_run_dir(out, "compare")
     rows: list[dict[str, Any]] = []
+    alone: dict[tuple[str, str], dict[str, Any]] = {}  # (strategy, task) -> row of the task trained alone
     first: Path | None = None
-    jobs = [(s, m) for s in names for m in modes]
-    for k, (strategy, mode) in enumerate(jobs):
+    jobs = [(s, m, None) for s in names for m in modes]
+    jobs += [(s, None, t) for s in names for t in tasks] if multitask_baseline else []
+    task_args = [a for t in tasks for a in ("--task", t)]
+    for k, (strategy, mode, solo) in enumerate(jobs):
         name = strategy if mode is None else f"{strategy} keep={mode}"
+        name = name if solo is None else f"{strategy} alone={solo}"
         run_dir = root / "runs" / _slug(name)
         cmd = [sys.executable, "-m", "affinage.cli", "train", "--data", data, "--model", model, "--strategy", strategy,
-               "--out", str(run_dir), "--seed", str(seed), *train_args, *(["--keep", mode] if mode else [])]
+               "--out", str(run_dir), "--seed", str(seed), *train_args, *(["--keep", mode] if mode else []),
+               *task_args, *(["--train-task", solo] if solo else [])]
         for t in targets:
             cmd += ["--target", t]
         if first is not None:
@@ -107,14 +118,73 @@ def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[s
             raise AffinageError(f"strategy {name} failed: {last[0]}",
                                 f"see {root / 'runs' / (_slug(name) + '.log')}")
         first = first or run_dir
-        rows.append(row_from_run(name, run_dir, wall))
+        r = row_from_run(name, run_dir, wall)
+        if solo is not None:  # a baseline: not a candidate of the comparison
+            alone[(strategy, solo)] = r
+            task = (read_metrics(run_dir).get("tasks") or {}).get(solo, {})
+            log(f"    {solo} alone: test accuracy {task.get('accuracy', float('nan')):.4f}, {r['wall_seconds']:.0f}s")
+            continue
+        rows.append(r)
         if mode is not None:
             rows[-1]["strategy"] = name
-        r = rows[-1]
         log(f"    val accuracy {_fmt(r['val_accuracy'], '.4f')}, test accuracy {r['test_accuracy']:.4f}, "
             f"{r['wall_seconds']:.0f}s, "
             f"{_fmt(r['energy_kwh'], '.2e')} kWh, peak {_fmt(r['peak_memory_mb'], '.0f')} MB")
-    return finish(root, rows, targets, log)
+    result = finish(root, rows, targets, log)
+    if multitask_baseline:
+        result.multitask = multitask_table(root, rows, alone, list(tasks), log)
+    return result
+
+
+MULTITASK_COLUMNS = ("strategy", "task", "multi_task_accuracy", "alone_accuracy", "difference", "relative_difference")
+
+
+def multitask_table(root: Path, rows: Sequence[dict[str, Any]], alone: dict[tuple[str, str], dict[str, Any]],
+                    tasks: list[str], log: Callable[[str], None] = _say) -> list[dict[str, Any]]:
+    """Per strategy and task: test accuracy of the multi-task run and of the task trained alone, their difference,
+    and LibMTL's Delta (the mean relative difference over tasks); the cost of one multi-task run against the task
+    runs together. Written to multitask.csv and appended to compare.md."""
+    table: list[dict[str, Any]] = []
+    lines = ["", "## Multi-task vs each task alone (same images, splits and strategy)", "",
+             "| strategy | task | multi-task | alone | difference |", "|---|---|---|---|---|"]
+    summaries: list[str] = []
+    for r in rows:
+        multi = read_metrics(r["run_dir"]).get("tasks") or {}
+        solos = [alone.get((r["strategy"], t)) for t in tasks]
+        if not multi or any(s is None for s in solos):
+            continue
+        relative = []
+        for task, solo in zip(tasks, solos):
+            m_acc = multi[task]["accuracy"]
+            a_acc = (read_metrics(solo["run_dir"]).get("tasks") or {})[task]["accuracy"]
+            relative.append((m_acc - a_acc) / a_acc if a_acc else 0.0)
+            table.append({"strategy": r["strategy"], "task": task, "multi_task_accuracy": m_acc,
+                          "alone_accuracy": a_acc, "difference": m_acc - a_acc, "relative_difference": relative[-1]})
+            lines.append(f"| {r['strategy']} | {task} | {m_acc:.4f} | {a_acc:.4f} | {m_acc - a_acc:+.4f} |")
+        wall = sum(s["wall_seconds"] for s in solos)
+        energy = [s["energy_kwh"] for s in solos]
+        cost = (f"one multi-task run {r['wall_seconds']:.0f}s"
+                + (f", {r['energy_kwh'] * 1000:.3g} Wh" if _number(r["energy_kwh"]) else "")
+                + f" vs {len(tasks)} single-task runs {wall:.0f}s"
+                + (f", {sum(energy) * 1000:.3g} Wh" if all(_number(e) for e in energy) else ""))
+        delta = 100 * sum(relative) / len(relative)
+        summaries.append(f"{r['strategy']}: Delta_m (LibMTL, mean relative accuracy difference) {delta:+.2f}%; {cost}.")
+        table.append({"strategy": r["strategy"], "task": "(all tasks: Delta_m)", "relative_difference": delta / 100,
+                      "multi_task_wall_seconds": r["wall_seconds"], "alone_wall_seconds": wall,
+                      "multi_task_energy_kwh": r["energy_kwh"], "alone_energy_kwh": sum(energy)
+                      if all(_number(e) for e in energy) else None})
+    lines += [""] + summaries
+    with atomic_path(root / "multitask.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        columns = list(MULTITASK_COLUMNS) + ["multi_task_wall_seconds", "alone_wall_seconds", "multi_task_energy_kwh",
+                                             "alone_energy_kwh"]
+        w = csv.DictWriter(fh, fieldnames=columns)
+        w.writeheader()
+        w.writerows(table)
+    with open(root / "compare.md", "a", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    for line in lines[2:]:
+        log(line)
+    return table
 
 
 def row_from_run(strategy: str, run_dir: Path, process_seconds: float) -> dict[str, Any]:

@@ -31,6 +31,7 @@ def check_strategy(name: str) -> str:
                         f"choose one of {', '.join(STRATEGY_NAMES)} (N = number of last blocks to train, >= 1)")
 
 
+TASK_WEIGHTINGS = ("equal", "uncertainty")  # --task-weighting: how the task losses of a multi-task run are summed
 KEEP_MODES = ("none", "replay", "distill", "replay+distill")  # --keep: how an --init-from run keeps the old task
 
 
@@ -89,6 +90,10 @@ class TrainConfig:
     replay_fraction: float = 0.5  # share of each training batch drawn from old_data (the guides' half and half)
     distill_temperature: float = 2.0  # LwF's softening of the old model's outputs (Li & Hoiem use T = 2)
     distill_weight: float = 1.0  # LwF's lambda_o: the distillation loss counts as much as the new task's (Li & Hoiem)
+    # several labels per image (tasks.py): the CSV's label columns, one head each on one backbone (default: `label`)
+    tasks: list[str] = field(default_factory=list)
+    task_weighting: str = "equal"  # equal: task losses summed; uncertainty: Kendall et al.'s learned weights
+    train_tasks: list[str] = field(default_factory=list)  # the tasks whose losses train (default: all); others measured
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -117,6 +122,7 @@ class TrainConfig:
         if self.budget_factor is not None and not self.budget_factor > 0:
             raise AffinageError(f"budget_factor must be > 0, got {self.budget_factor}", "pass e.g. --budget-factor 20")
         self._check_keep()
+        self._check_tasks()
         if self.min_per_class is not None and self.min_per_class < 1:
             raise AffinageError(f"min_per_class must be >= 1, got {self.min_per_class}", "pass e.g. --min-per-class 3")
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -158,6 +164,20 @@ class TrainConfig:
             raise AffinageError(f"layer_decay must be in (0, 1], got {self.layer_decay}", "pass e.g. --layer-decay 0.8")
         if not 0 <= self.label_smoothing < 1:
             raise AffinageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}", "pass e.g. 0.1")
+
+    def _check_tasks(self) -> None:
+        if self.task_weighting not in TASK_WEIGHTINGS:
+            raise AffinageError(f"unknown --task-weighting '{self.task_weighting}'",
+                                f"choose one of {', '.join(TASK_WEIGHTINGS)}")
+        if len(set(t.lower() for t in self.tasks)) != len(self.tasks):
+            raise AffinageError(f"--task names a column twice ({', '.join(self.tasks)})", "name each label column once")
+        unknown = [t for t in self.train_tasks if t not in self.tasks]
+        if unknown:
+            raise AffinageError(f"--train-task {unknown[0]} is not one of the --task columns ({', '.join(self.tasks)})",
+                                "name a task given with --task")
+        if len(self.tasks) > 1 and self.init_from is not None:
+            raise AffinageError("--init-from with several --task is not supported",
+                                "extend a single-task model (one --task), or train the tasks without --init-from")
 
     def _check_keep(self) -> None:
         if self.keep is not None and self.keep not in KEEP_MODES:

@@ -50,9 +50,10 @@ class Sample:
     """One labelled image. `key` is a file path, or `<source>/<index>` for in-memory sources."""
 
     key: str
-    label: str
+    label: str  # the first task's label (the one splits are stratified on)
     split: str | None = None
     group: str | None = None
+    more: tuple[str, ...] = ()  # the labels of the other tasks (LabelledImages.tasks[1:]); "" = unknown for that task
 
 
 @dataclass
@@ -64,6 +65,7 @@ class LabelledImages:
     read_bytes: Callable[[Sample], bytes]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) found while scanning
     keys_are_paths: bool = False  # sample keys are files: their hashes are memoised by (path, size, mtime)
+    tasks: tuple[str, ...] = ()  # the label columns of a CSV read with several --task (the first one is `label`)
 
     @property
     def classes(self) -> list[str]:
@@ -118,8 +120,13 @@ def printable(text: str) -> str:
     return text.encode("utf-8", PRINTABLE_ERRORS).decode("utf-8")
 
 
-def load_source(spec: str, group_by: str | None = None) -> LabelledImages:
-    """Resolve a data spec: a class-folder tree, a train/val[/test] tree, a CSV, `hf:<id>[:config]` or `digits`."""
+def load_source(spec: str, group_by: str | None = None, tasks: Sequence[str] = ()) -> LabelledImages:
+    """Resolve a data spec: a class-folder tree, a train/val[/test] tree, a CSV, `hf:<id>[:config]` or `digits`.
+    `tasks`: the CSV's label columns to read (default its `label` column); the first one is each sample's label."""
+    if tasks and list(tasks) != ["label"] and (spec == "digits" or spec.startswith("hf:") or
+                                               not Path(spec).expanduser().is_file()):
+        raise AffinageError(f"--task {' --task '.join(tasks)} needs a CSV with those columns; '{spec}' is not a CSV",
+                            "write a CSV with columns path,<task 1>,<task 2>,... and pass it as --data")
     if spec == "digits":
         images = _load_digits()
     elif spec.startswith("hf:"):
@@ -133,7 +140,7 @@ def load_source(spec: str, group_by: str | None = None) -> LabelledImages:
             if path.suffix.lower() != ".csv":
                 raise AffinageError(f"data file '{spec}' is not a CSV",
                                     "pass a CSV with columns path,label[,split][,group] or a folder of class subfolders")
-            images = _load_csv(path)
+            images = _load_csv(path, tuple(tasks) or ("label",))
         else:
             images = _load_folder(path)
     if group_by:
@@ -141,7 +148,7 @@ def load_source(spec: str, group_by: str | None = None) -> LabelledImages:
         regrouped = []
         for s in images.samples:
             m = pattern.search(s.key)
-            regrouped.append(Sample(s.key, s.label, s.split, (m.group(1) if m.groups() else m.group(0)) if m else "other"))
+            regrouped.append(replace(s, group=(m.group(1) if m.groups() else m.group(0)) if m else "other"))
         images.samples = regrouped
     _check_classes(images, spec)
     return images
@@ -247,39 +254,55 @@ def _load_folder(root: Path) -> LabelledImages:
     return LabelledImages(samples, description, _read_file, skipped, keys_are_paths=True)
 
 
-def _load_csv(path: Path) -> LabelledImages:
+def _load_csv(path: Path, tasks: tuple[str, ...] = ("label",)) -> LabelledImages:
     base = path.parent
     try:
-        return _read_csv_rows(path, base)
+        return _read_csv_rows(path, base, tasks)
     except csv.Error as exc:
         raise AffinageError(f"CSV '{path}' cannot be parsed: {exc}",
                             "save it as plain CSV text with a header line path,label[,split][,group]") from None
 
 
-def _read_csv_rows(path: Path, base: Path) -> LabelledImages:
+def _read_csv_rows(path: Path, base: Path, tasks: tuple[str, ...] = ("label",)) -> LabelledImages:
+    """The rows of a CSV: path, the task columns (an empty cell of a task other than the first is "unknown for
+    that task"), split and group when present."""
+    several = tasks != ("label",)
     with open(path, newline="", encoding="utf-8-sig", errors=PATH_ERRORS) as fh:
         reader = csv.DictReader(fh)
-        columns = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "path" not in columns or "label" not in columns:
-            raise AffinageError(f"CSV '{path}' has columns {str(columns)[:200]}, it needs path and label",
-                                "write a header line: path,label[,split][,group]")
+        header = [c.strip() for c in (reader.fieldnames or [])]
+        by_lower = {c.lower(): c for c in header}
+        wanted = [by_lower.get(t.lower()) for t in tasks]
+        if "path" not in by_lower or None in wanted:
+            missing = ["path"] * ("path" not in by_lower) + [t for t, w in zip(tasks, wanted) if w is None]
+            raise AffinageError(f"CSV '{path}' has columns {str(header)[:200]}, it needs {' and '.join(missing)}",
+                                "write a header line path,label[,split][,group]" if not several else
+                                f"name label columns of this CSV with --task (it has: {', '.join(header)[:200]})")
+        columns = [w for w in wanted if w is not None]
         samples = []
-        for line, row in enumerate(reader, start=2):
-            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
-            file = Path(row["path"]).expanduser()
+        for line, raw in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
+            lower = {k.lower(): v for k, v in row.items()}
+            file = Path(lower["path"]).expanduser()
             file = file if file.is_absolute() else base / file
             if not file.exists():
-                raise AffinageError(f"CSV '{path}' line {line} names a missing file '{row['path']}' (looked at {file})",
+                raise AffinageError(f"CSV '{path}' line {line} names a missing file '{lower['path']}' (looked at {file})",
                                     "fix the path (absolute, or relative to the CSV's folder) or remove the row")
-            if not row["label"]:
-                raise AffinageError(f"CSV '{path}' line {line} has an empty label", "give every row a label")
-            split = row.get("split") or None
+            label = row.get(columns[0], "")
+            if not label:
+                raise AffinageError(f"CSV '{path}' line {line} has an empty "
+                                    + ("label" if not several else f"{columns[0]!r} cell (the first --task)"),
+                                    "give every row a label" if not several else
+                                    "the first --task is the one the splits are stratified on and must be given on every "
+                                    "row: put a task without empty cells first (empty cells of the others mean unknown)")
+            split = lower.get("split") or None
             if split is not None:
                 if split.lower() not in SPLIT_ALIASES:
                     raise AffinageError(f"CSV '{path}' line {line} has split '{split}'", "use train, val or test")
                 split = SPLIT_ALIASES[split.lower()]
-            samples.append(Sample(str(file), row["label"], split, row.get("group") or None))
-    return LabelledImages(samples, f"CSV: {path}", _read_file, keys_are_paths=True)
+            samples.append(Sample(str(file), label, split, lower.get("group") or None,
+                                  tuple(row.get(c, "") for c in columns[1:])))
+    return LabelledImages(samples, f"CSV: {path}", _read_file, keys_are_paths=True,
+                          tasks=tuple(columns) if several else ())
 
 
 def _encode_png(array: np.ndarray) -> bytes:

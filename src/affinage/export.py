@@ -78,6 +78,9 @@ def export_run(run_dir: str | os.PathLike[str], fmt: str, out: str | os.PathLike
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report["folder"] = str(target)
+    if len(run.tasks) > 1 and fmt != "onnx":
+        log(f"note: this {fmt} export holds the first task ({run.tasks[0].task}) only; --format onnx holds all "
+            f"{len(run.tasks)} tasks")
     log(f"exported {run.path} as {fmt} -> {target}: {report['checked_with']} on {report['inputs']} inputs "
         f"({report['inputs_described']}), max abs logit diff {report['max_abs_diff']:.2e}, same top-1 on "
         f"{report['top1_agree']}/{report['inputs']}")
@@ -246,7 +249,9 @@ def _write_onnx(run: Run, folder: Path, pixels: torch.Tensor, reference: np.ndar
         import onnxruntime as ort
     except ImportError as exc:
         raise missing_extra(exc.name or "onnxruntime", "export") from exc
-    model = run.model.cpu().eval()
+    tasks = run.tasks
+    model = run.model.cpu().eval() if len(tasks) == 1 else _TaskOutputs(run.model.cpu().eval(), [len(t) for t in tasks])
+    outputs = [ONNX_OUTPUT] + [f"{ONNX_OUTPUT}_{t.task}" for t in tasks[1:]]  # one output per task, the first `logits`
     size = run.preprocessing.input_size
     path = folder / "model.onnx"
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9  # protobuf's 2 GB limit
@@ -254,23 +259,47 @@ def _write_onnx(run: Run, folder: Path, pixels: torch.Tensor, reference: np.ndar
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (torch.zeros(2, 3, size, size),), str(path), input_names=[ONNX_INPUT],
-                              output_names=[ONNX_OUTPUT], opset_version=opset, dynamo=True, external_data=big,
+                              output_names=outputs, opset_version=opset, dynamo=True, external_data=big,
                               dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False)
     except Exception as exc:
         raise AffinageError(f"torch cannot export this model to ONNX: {str(exc).splitlines()[0][:200]}",
                             "report this with the run's model.json") from exc
     onnx.checker.check_model(str(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    logits = session.run([ONNX_OUTPUT], {ONNX_INPUT: pixels.numpy()})[0]
-    report = _compare(reference, logits, f"onnxruntime {ort.__version__}")
+    got = session.run(outputs, {ONNX_INPUT: pixels.numpy()})
+    report = _compare(reference, got[0], f"onnxruntime {ort.__version__}")
+    if len(tasks) > 1:  # every task's output checked against the run's model
+        with torch.no_grad():
+            every = run.model.cpu().eval().forward_tasks(pixels).float().numpy()
+        report["tasks_checked"] = {t.task: _compare(block, logits, f"onnxruntime {ort.__version__}")
+                                   for t, block, logits in zip(tasks, np.split(every, np.cumsum(
+                                       [len(t) for t in tasks])[:-1], axis=1), got)}
     info = _info(run)
     write_json(folder / "config.json", {
         "format": "onnx", "model_file": path.name, "opset": opset, "input_name": ONNX_INPUT,
         "input_shape": ["batch", 3, size, size], "input_layout": "NCHW", "input_dtype": "float32",
         "input_normalised": True, "output_name": ONNX_OUTPUT, "num_labels": len(run.classes), **_label_maps(run),
         "backbone": info["backbone"]["origin"], "architecture": info["backbone"]["arch"],
-        "head_hidden": info.get("head_hidden"), "producer": f"affinage {__version__}"})
+        "head_hidden": info.get("head_hidden"), "producer": f"affinage {__version__}",
+        **({"tasks": [{"task": t.task, "output_name": name, "num_labels": len(t),
+                       "id2label": {str(i): c for i, c in enumerate(t.classes)}} for t, name in zip(tasks, outputs)]}
+           if len(tasks) > 1 else {})})
     return report
+
+
+def _TaskOutputs(model: Any, sizes: list[int]) -> Any:  # noqa: N802 - builds a module, named as the class it is
+    """The run's model with one output per task (what ONNX export traces for a multi-task run)."""
+    import torch
+
+    class TaskOutputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(torch.split(self.model.forward_tasks(pixels), sizes, dim=1))
+
+    return TaskOutputs()
 
 
 def _write_timm(run: Run, folder: Path, pixels: torch.Tensor, reference: np.ndarray, opset: int,
@@ -457,6 +486,24 @@ def _old_task_lines(m: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _task_lines(run: Run, fmt: str, m: dict[str, Any]) -> list[str]:
+    """A run with several tasks: each task's labels and test accuracy, and which of them this export holds."""
+    tasks = run.tasks
+    if len(tasks) == 1:
+        return []
+    figures = m.get("tasks") or {}
+    holds = (f"every task: one ONNX output each (`{ONNX_OUTPUT}` for {tasks[0].task}, `{ONNX_OUTPUT}_<task>` for the "
+             "others; config.json lists them)" if fmt == "onnx" else
+             f"**the first task ({tasks[0].task}) only**: {fmt} has one classifier per model. `--format onnx` "
+             "exports every task")
+    lines = ["## Tasks", "", f"This model has one head per task on one backbone; this export holds {holds}.", ""]
+    for t in tasks:
+        acc = (figures.get(t.task) or {}).get("accuracy")
+        lines.append(f"- {t.task} ({len(t)} classes{f', test accuracy {acc:.4f}' if acc is not None else ''}): "
+                     + ", ".join(t.classes[:30]) + (" …" if len(t) > 30 else ""))
+    return lines + [""]
+
+
 def model_card(run: Run, fmt: str, report: dict[str, Any], folder: str = "DIR") -> str:
     """README.md: what the model is, the data and figures behind it, how to load it, and what it is not for."""
     m, info = run.metrics, _info(run)
@@ -471,7 +518,9 @@ def model_card(run: Run, fmt: str, report: dict[str, Any], folder: str = "DIR") 
              f"# {run.path.name}: {len(run.classes)}-class image classifier", "",
              f"Fine-tuned with [affinage](https://pypi.org/project/affinage/) {__version__} from `{backbone}` "
              f"with the `{run.strategy}` strategy, exported as {fmt}.", "",
-             "## Labels", "", ", ".join(f"{i}: {c}" for i, c in enumerate(run.classes)), "", "## Data", ""]
+             "## Labels", "", ", ".join(f"{i}: {c}" for i, c in enumerate(run.classes)), ""]
+    lines += _task_lines(run, fmt, m)
+    lines += ["## Data", ""]
     if data:
         counts = data.get("counts") or {}
         lines += [f"- source: {data.get('source', '?')}", f"- split: {data.get('split', '?')}"]

@@ -97,14 +97,13 @@ def top_labels(probabilities: np.ndarray, classes: Sequence[str], k: int) -> lis
     return [{"label": classes[j], "probability": float(probabilities[j])} for j in order]
 
 
-def label_arrays(run: Run, arrays: Sequence[np.ndarray], top_k: int = 5) -> list[list[dict[str, Any]]]:
-    """Top-k labels for decoded images (rows of `load_pixels` output)."""
-    from .evaluate import softmax
-
+def label_arrays(run: Run, arrays: Sequence[np.ndarray], top_k: int = 5) -> list[list[list[dict[str, Any]]]]:
+    """Top-k labels of every task (`run.tasks` order) for decoded images (rows of `load_pixels` output)."""
     if not arrays:
         return []
-    probabilities = softmax(run.logits(np.stack(arrays)))
-    return [top_labels(row, run.classes, top_k) for row in probabilities]
+    tasks = run.tasks
+    return [[top_labels(p, list(space.classes), top_k) for p, space in zip(run.split_tasks(row), tasks)]
+            for row in run.probabilities(np.stack(arrays))]
 
 
 def iter_predictions(run: Run, files: Sequence[str], top_k: int = 5, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -132,8 +131,14 @@ def iter_predictions(run: Run, files: Sequence[str], top_k: int = 5, batch_size:
                 if isinstance(d, str):
                     yield {"file": str(f), "error": d}
                 else:
-                    top = next(tops)
-                    yield {"file": str(f), "label": top[0]["label"], "probability": top[0]["probability"], "top_k": top}
+                    per_task = next(tops)
+                    top = per_task[0]
+                    result = {"file": str(f), "label": top[0]["label"], "probability": top[0]["probability"],
+                              "top_k": top}
+                    if len(per_task) > 1:  # several labels per image: every task's answer (the first one above)
+                        result["tasks"] = {space.task: {"label": t[0]["label"], "probability": t[0]["probability"],
+                                                        "top_k": t} for space, t in zip(run.tasks, per_task)}
+                    yield result
             bar.update(len(chunk))
 
 
@@ -151,20 +156,32 @@ def text_line(result: dict[str, Any]) -> str:
     name = printable(result["file"])
     if "error" in result:
         return f"{name}: skipped ({printable(result['error'])})"
+    if "tasks" in result:
+        return f"{name}: " + "; ".join(f"{task} {r['label']} — {r['probability']:.3f}" for task, r in result["tasks"].items())
     tops = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in result["top_k"])
     return f"{name}: {result['label']} — {result['probability']:.3f}   [{tops}]"
 
 
 class CsvWriter:
-    """file,label,probability[,label_2,probability_2,...],error -- one row per image, written as results arrive."""
+    """file,label,probability[,label_2,probability_2,...],error -- one row per image, written as results arrive.
+    With several tasks: file, then <task>,<task>_probability per task (each task's top label), then error."""
 
-    def __init__(self, stream: IO[str], k: int):
-        self.k = k
+    def __init__(self, stream: IO[str], k: int, tasks: Sequence[str] = ()):
+        self.k, self.tasks = k, list(tasks)
         self.writer = csv.writer(stream)
+        if len(self.tasks) > 1:
+            self.writer.writerow(["file", *(c for t in self.tasks for c in (t, f"{t}_probability")), "error"])
+            return
         extra = [c for i in range(2, k + 1) for c in (f"label_{i}", f"probability_{i}")]
         self.writer.writerow(["file", "label", "probability", *extra, "error"])
 
     def write(self, result: dict[str, Any]) -> None:
+        if len(self.tasks) > 1:
+            answers = result.get("tasks", {})
+            cells = [c for t in self.tasks for c in ((answers[t]["label"], f"{answers[t]['probability']:.6f}")
+                                                     if t in answers else ("", ""))]
+            self.writer.writerow([printable(result["file"]), *cells, printable(result.get("error", ""))])
+            return
         if "error" in result:
             self.writer.writerow([printable(result["file"]), "", "", *[""] * (2 * (self.k - 1)),
                                   printable(result["error"])])

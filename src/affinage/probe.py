@@ -30,6 +30,7 @@ class ProbeFit:
     choice: Choice  # the C table (val accuracy and calibrated loss per C)
     val_logits: np.ndarray
     seconds: float
+    task_C: dict[str, float] | None = None  # several tasks: each task's C (head: a tasks.MultiHead of their probes)
 
 
 def _model(C: float, seed: int) -> Any:

@@ -18,7 +18,7 @@ from .runfiles import read_history, read_metrics
 from .storage import write_text
 
 SECTIONS = ("summary", "targets", "diagnosis", "config", "data", "leaks", "learning-curves", "confusion-matrix",
-            "per-class", "groups", "old-task", "calibration", "footprint", "environment")
+            "per-class", "groups", "old-task", "tasks", "calibration", "footprint", "environment")
 MAX_TABLE_ROWS = 50
 
 _CSS = """
@@ -68,6 +68,7 @@ def render(root: Path) -> str:
         _per_class(test, classes),
         _groups(metrics.get("groups")),
         _old_task(metrics),
+        _tasks(metrics),
         _calibration(root, metrics, classes),
         _footprint(metrics.get("footprint")),
         _environment(metrics),
@@ -275,6 +276,36 @@ def _groups(groups: dict[str, Any] | None) -> str:
     rows = [[g, by[g]["n"], _f(by[g]["accuracy"]), _f(by[g]["macro_recall"])] for g in names]
     return _section("groups", "Per-group metrics (test)", text + _png(fig, "per-group accuracy")
                     + _table(["group", "n", "accuracy", "macro recall"], rows))
+
+
+def _tasks(metrics: dict[str, Any]) -> str:
+    """Several labels per image: a block per task (test figures, unknown labels, per-class and per-group tables);
+    the sections above are the first task's."""
+    tasks = metrics.get("tasks")
+    if not tasks:
+        return _section("tasks", "Tasks", "<p>One task. A CSV with several label columns trains one head per column "
+                        "on one backbone: <code>--task COLUMN</code>, repeated.</p>")
+    overview = [[name, b["n"], b.get("unknown", 0), _f(b["accuracy"]), _f(b["macro_f1"]), len(b.get("classes", []))]
+                for name, b in tasks.items()]
+    body = ("<p>One backbone, one head per task; the sections above are the first task's "
+            f"(<b>{_e(next(iter(tasks)))}</b>). Unknown labels (empty cells, classes absent from train) are left out "
+            "of each task's figures.</p>"
+            + _table(["task", "test n", "unknown", "accuracy", "macro F1", "classes"], overview))
+    for name, b in tasks.items():
+        per = b.get("per_class") or {}
+        masked = "; ".join(f"{n} {why}" for why, n in (b.get("masked") or {}).items() if n)
+        body += f"<h3 id=\"task-{_e(name)}\">{_e(name)}</h3>"
+        body += f"<p>masked: {_e(masked)}</p>" if masked else ""
+        rows = [[c, _f(v["recall"]), _f(v["precision"]), _f(v["f1"]), v["support"]]
+                for c, v in sorted(per.items(), key=lambda kv: -kv[1]["support"])]
+        body += _table(["class", "recall", "precision", "F1", "test support"], rows)
+        groups = b.get("groups")
+        if groups:
+            by = groups["by_group"]
+            body += "<p>per group:</p>" + _table(["group", "n", "accuracy", "macro recall"],
+                                                 [[g, by[g]["n"], _f(by[g]["accuracy"]), _f(by[g]["macro_recall"])]
+                                                  for g in by])
+    return _section("tasks", "Tasks (several labels per image)", body)
 
 
 def _old_task(metrics: dict[str, Any]) -> str:

@@ -44,7 +44,7 @@ from .data import (
     write_split_lists,
 )
 from .errors import AffinageError
-from .labels import LabelSpace
+from .labels import DEFAULT_TASK, LabelSpace
 from .runfiles import (
     HeadInfo,
     ModelInfo,
@@ -99,6 +99,7 @@ class PreparedData:
     left_out: list[tuple[str, int]]  # (class, usable images) left out by --min-per-class
     old: Any = None  # keep.OldTask of an --init-from run (None: a plain run)
     is_old: np.ndarray | None = None  # per decoded sample: from --old-data
+    tasks: Any = None  # tasks.TaskSet of a run with several --task (labels is the first task's); None: one task
 
 
 @dataclass(frozen=True)
@@ -135,10 +136,12 @@ class Trained:
 
 @dataclass(frozen=True)
 class Evaluation:
-    logits: np.ndarray
+    logits: np.ndarray  # the (first) task's test logits
     test: dict[str, Any]
     seconds: float
     tasks: dict[str, Any] = field(default_factory=dict)  # --init-from: the old_task and new_task blocks
+    by_task: dict[str, Any] = field(default_factory=dict)  # several --task: each task's test block
+    task_logits: np.ndarray | None = None  # several --task: every task's test logits side by side
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,12 +197,22 @@ def load_data(cfg: TrainConfig) -> LabelledImages:
     from .keep import PRETRAINED
     from .targets import parse_targets
 
-    images = load_source(cfg.data, cfg.group_by)
+    images = load_source(cfg.data, cfg.group_by, cfg.tasks)
     if cfg.init_from is None or cfg.init_from == PRETRAINED:  # (a run's old classes may be named too: checked later)
-        parse_targets(cfg.targets, images.classes)  # a class named in --target must exist, checked before any run dir
+        parse_targets(cfg.targets, images.classes, _task_classes(images))  # a class named in --target must exist
     if cfg.min_per_class is None:  # classes too small to split even if every file decodes: refused before any run dir
         refuse_small_classes(images.samples, any(s.split is not None for s in images.samples), usable=False)
     return images
+
+
+def _task_classes(images: LabelledImages) -> dict[str, list[str]] | None:
+    """Several --task: each task's classes (non-empty cells), for checking --target before any run dir."""
+    if len(images.tasks) < 2:
+        return None
+    out = {images.tasks[0]: images.classes}
+    for j, name in enumerate(images.tasks[1:]):
+        out[name] = sorted({s.more[j] for s in images.samples if len(s.more) > j and s.more[j]})
+    return out
 
 
 def choose_backbone(cfg: TrainConfig, images: LabelledImages, progress: bool,
@@ -306,18 +319,40 @@ def prepare_data(cfg: TrainConfig, images: LabelledImages, pp: Preprocessing, ru
               else split_parts(samples, is_old, split) if is_old is not None and is_old.any() else split(samples))
     splits, leak_info, dropped = _leak_check(run_dir, decoded, splits, cfg.drop_leaks, pp, log)
     train_labels = [samples[i].label for i in splits.train]
+    task = cfg.tasks[0] if len(cfg.tasks) > 1 else DEFAULT_TASK
     labels = (union_labels(old, train_labels, f"train split of {images.description}") if old is not None else
-              LabelSpace.from_labels(train_labels, f"train split of {images.description}"))
+              LabelSpace.from_labels(train_labels, f"train split of {images.description}", task=task))
     _check_split_classes(samples, splits, labels)
-    targets = parse_targets(cfg.targets, list(labels.classes))  # the classes left in train (unreadable files skipped)
+    tasks = _tasks(cfg, samples, splits, labels, log)
+    targets = parse_targets(cfg.targets, list(labels.classes),  # the classes left in train (unreadable files skipped)
+                            {s.task: list(s.classes) for s in tasks.spaces} if tasks is not None else None)
     if dist.is_main():
         write_split_lists(run_dir / "splits", samples, decoded.hashes, splits,
                           reasons={i: "duplicate of an image in an earlier split (--drop-leaks)" for i in dropped})
     y = np.array(labels.indices(s.label for s in samples), dtype=np.int64)
-    key = digest(*(f"{name}/{samples[i].label}/{decoded.hashes[i]}" for name, idx in splits.items() for i in idx))
+    key = digest(*(f"{name}/{samples[i].label}/{'/'.join(samples[i].more) if tasks is not None else ''}"
+                   f"/{decoded.hashes[i]}" for name, idx in splits.items() for i in idx))
     log(f"data: {len(labels)} classes, {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test "
         f"images ({splits.how})")
-    return PreparedData(decoded, splits, labels, y, leak_info, targets, seconds, key, small, old, is_old)
+    return PreparedData(decoded, splits, labels, y, leak_info, targets, seconds, key, small, old, is_old, tasks)
+
+
+def _tasks(cfg: TrainConfig, samples: Sequence[Sample], splits: Splits, first: LabelSpace,
+           log: Callable[[str], None]) -> Any:
+    """Several --task: every task's label space and labels (tasks.build_tasks), what was masked said; else None."""
+    from .tasks import build_tasks
+
+    if len(cfg.tasks) < 2:
+        return None
+    tasks = build_tasks(cfg.tasks, samples, splits.train, first, cfg.min_per_class, cfg.task_weighting,
+                        cfg.train_tasks)
+    if cfg.train_tasks:
+        log(f"tasks trained: {', '.join(cfg.train_tasks)}; the others' heads are measured only (--train-task)")
+    log(f"tasks: {', '.join(f'{s.task} ({len(s)} classes)' for s in tasks.spaces)}; one backbone, one head each, "
+        f"losses {'summed' if cfg.task_weighting == 'equal' else 'weighted by learned uncertainty'}")
+    for line in tasks.describe_masked():
+        log(f"  {line}: masked out of that task's loss and metrics")
+    return tasks
 
 
 def plan_device(cfg: TrainConfig) -> Plan:
@@ -402,7 +437,7 @@ def train_model(cfg: TrainConfig, plan: Plan, backbone: Backbone, data: Prepared
                    else plan.evidence)
     net, head = outcome.net, outcome.head
     if net is not None:  # frozen winners: the kept head goes on the backbone (fine-tuned ones already carry it)
-        net.set_head(net.task, head, outcome.strategy.head_hidden, data.labels)
+        net.set_head(net.task, head, outcome.strategy.head_hidden, data.labels if data.tasks is None else None)
     head.eval()
     for p in head.parameters():
         p.requires_grad_(False)
@@ -424,6 +459,12 @@ def evaluate_model(plan: Plan, trained: Trained, data: PreparedData, features: F
     t0, test = time.perf_counter(), data.splits.test
     logits = split_logits(plan, trained.net, trained.head, data, features, test, trained.extras.get("tta", False),
                           progress)
+    by_task, task_logits = {}, None
+    if data.tasks is not None:  # every task's block; the first task's logits are the run's
+        from .tasks import task_blocks
+
+        by_task, task_logits = task_blocks(data.tasks, logits, test, classification_metrics), logits
+        logits = data.tasks.split(logits)[0]
     metrics = classification_metrics(logits, data.y[test], list(data.labels.classes))
     tasks: dict[str, Any] = {}
     if data.old is not None:  # the old model's figures on the same test images: what forgetting is measured from
@@ -438,7 +479,7 @@ def evaluate_model(plan: Plan, trained: Trained, data: PreparedData, features: F
         trained_on = training_indices(data.old, data.splits.train, data.is_old)
         tasks["old_task"]["old_images_trained_on"] = (int(data.is_old[trained_on].sum()) if data.is_old is not None
                                                       else 0)
-    return Evaluation(logits, metrics, time.perf_counter() - t0, tasks)
+    return Evaluation(logits, metrics, time.perf_counter() - t0, tasks, by_task, task_logits)
 
 
 def write_run(run_dir: Path, cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data: PreparedData,
@@ -455,7 +496,11 @@ def write_run(run_dir: Path, cfg: TrainConfig, images: LabelledImages, backbone:
         samples, hashes = data.decoded.samples, data.decoded.hashes
         write_predictions(run_dir / "test_predictions.csv", [samples[i].key for i in test], [hashes[i] for i in test],
                           [samples[i].label for i in test], softmax(evaluation.logits), list(data.labels.classes))
+        if data.tasks is not None:
+            _write_task_predictions(run_dir, data, evaluation)
         val, val_logits = data.splits.val, trained.extras.get("val_logits")
+        if val_logits is not None and data.tasks is not None:
+            val_logits = data.tasks.split(val_logits)[0]  # compare chooses on the first task
         if val_logits is not None:  # what the choice was made on (affinage compare chooses on these)
             write_predictions(run_dir / "val_predictions.csv", [samples[i].key for i in val], [hashes[i] for i in val],
                               [samples[i].label for i in val], softmax(val_logits), list(data.labels.classes))
@@ -467,13 +512,15 @@ def write_run(run_dir: Path, cfg: TrainConfig, images: LabelledImages, backbone:
         test_block = metrics["test"]
         log(f"test accuracy {test_block['accuracy']:.4f} (macro F1 {test_block['macro_f1']:.4f}, n={test_block['n']}) "
             f"in {metrics['timing']['wall_seconds']:.1f}s -> {run_dir}")
-        for line in (_keep_lines(metrics) + _trust_lines(metrics) + [format_result(r) for r in metrics["targets"]]
+        for line in (_keep_lines(metrics) + _task_lines(metrics) + _trust_lines(metrics)
+                     + [format_result(r) for r in metrics["targets"]]
                      + format_findings(metrics["diagnosis"])):
             log(line)
         _write_report(run_dir, log)
     dist.barrier()  # the other processes return once the run directory is complete
     run = Run.load(run_dir)
-    run._model = trained.net  # None for a card-only run: loaded from the run directory when first used
+    # None for a card-only run, or one with several tasks (saved as one head each): loaded from the run directory
+    run._model = trained.net if data.tasks is None else None
     return run
 
 
@@ -497,8 +544,6 @@ def _on_main(make: Callable[[], Path]) -> Path:
 
 
 def _write_model(run_dir: Path, plan: Plan, backbone: Backbone, trained: Trained, data: PreparedData) -> None:
-    from .labels import DEFAULT_TASK
-
     labels = data.labels
     strategy, hidden = plan.strategy, plan.strategy.head_hidden
     if trained.net is not None:
@@ -507,7 +552,15 @@ def _write_model(run_dir: Path, plan: Plan, backbone: Backbone, trained: Trained
     else:
         card = backbone.card
         state, spec, pp, task = card.state_dict(trained.head, DEFAULT_TASK), card.spec, card.preprocessing, DEFAULT_TASK
-    info = ModelInfo(spec.to_dict(), pp, {task: HeadInfo(labels, hidden)}, strategy.name, plan.precision.inference,
+    heads = {task: HeadInfo(labels, hidden)}
+    if data.tasks is not None:  # the MultiHead saved as one head per task (`heads.<task>.*`), the first the default
+        from .tasks import find_multihead, task_states
+
+        multi = find_multihead(trained.net) if trained.net is not None else trained.head
+        state = {k: v for k, v in state.items() if not k.startswith("heads.")} | task_states(multi)
+        heads = {s.task: HeadInfo(s, hidden) for s in data.tasks.spaces}
+        task = data.tasks.names[0]
+    info = ModelInfo(spec.to_dict(), pp, heads, strategy.name, plan.precision.inference,
                      "features" if strategy.uses_cached_features else "pixels", task,
                      extra={**({"tta": True} if trained.extras.get("tta") else {}),
                             **({"old_classes": data.old.n_old, "init_from": data.old.source, "keep": data.old.mode}
@@ -564,12 +617,56 @@ def _metrics(cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data:
         metrics["groups"] = group_metrics(evaluation.logits, test_y, [samples[i].group or "(none)" for i in splits.test],
                                           classes)
     metrics.update(evaluation.tasks)  # --init-from: old_task (forgetting), new_task
+    if evaluation.by_task:
+        metrics["tasks"] = _task_metrics(data, evaluation)
     metrics["leaks"] = data.leaks
-    metrics["targets"] = check_targets(data.targets, evaluation.test)
+    metrics["targets"] = check_targets(data.targets, evaluation.test, metrics.get("tasks"))
     metrics["diagnosis"] = diagnose(trained.history, evaluation.test, classes,
                                     leaks=0 if data.leaks["dropped"] else data.leaks["pairs"],
                                     old_task=evaluation.tasks.get("old_task"))
     return metrics
+
+
+def _task_metrics(data: PreparedData, evaluation: Evaluation) -> dict[str, Any]:
+    """metrics.json["tasks"]: each task's full test block, its classes, what was masked, and its per-group figures."""
+    from .evaluate import group_metrics
+    from .tasks import UNKNOWN
+
+    samples, test = data.decoded.samples, data.splits.test
+    tasks = data.tasks
+    y = tasks.y[test]
+    out = {}
+    for j, (space, block) in enumerate(zip(tasks.spaces, tasks.split(evaluation.task_logits))):
+        entry = {**evaluation.by_task[space.task], "classes": list(space.classes),
+                 "masked": tasks.masked.get(space.task, {})}
+        known = y[:, j] != UNKNOWN
+        if any(s.group is not None for s in samples) and known.any():
+            groups = [samples[i].group or "(none)" for i, k in zip(test, known) if k]
+            entry["groups"] = group_metrics(block[known], y[known, j], groups, list(space.classes))
+        out[space.task] = entry
+    return out
+
+
+def _write_task_predictions(run_dir: Path, data: PreparedData, evaluation: Evaluation) -> None:
+    """test_predictions-<task>.csv for every task but the first (test_predictions.csv), over its known labels."""
+    from .evaluate import softmax
+    from .tasks import UNKNOWN
+
+    samples, hashes, test = data.decoded.samples, data.decoded.hashes, data.splits.test
+    tasks = data.tasks
+    y = tasks.y[test]
+    for j, (space, block) in list(enumerate(zip(tasks.spaces, tasks.split(evaluation.task_logits))))[1:]:
+        rows = [k for k in range(len(test)) if y[k, j] != UNKNOWN]
+        write_predictions(run_dir / f"test_predictions-{space.task}.csv", [samples[test[k]].key for k in rows],
+                          [hashes[test[k]] for k in rows], [space.classes[y[k, j]] for k in rows],
+                          softmax(block[rows]), list(space.classes))
+
+
+def _task_lines(metrics: dict[str, Any]) -> list[str]:
+    """Several --task: one line per task (its test accuracy and how many labels were unknown)."""
+    return [f"task {name}: accuracy {b['accuracy']:.4f} (macro F1 {b['macro_f1']:.4f}, n={b['n']}"
+            + (f", {b['unknown']} unknown" if b.get("unknown") else "") + ")"
+            for name, b in (metrics.get("tasks") or {}).items()]
 
 
 def _throughput(result: Any) -> float | None:
@@ -705,7 +802,7 @@ def evaluate_run(path: str | os.PathLike[str], progress: bool = True) -> dict[st
 
     run = Run.load(path)
     cfg = TrainConfig.from_dict(run.config)
-    images = load_source(cfg.data, cfg.group_by)
+    images = load_source(cfg.data, cfg.group_by, cfg.tasks)
     decoded = decode_all(images, run.preprocessing, progress=progress)
     splits = read_split_lists(run.path / "splits", decoded.samples, decoded.hashes, complete=False)
     y = np.array(run.labels.indices(decoded.samples[i].label for i in splits.test))

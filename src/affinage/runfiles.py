@@ -11,6 +11,7 @@
       history.json / .csv    one row per epoch of every phase
       metrics.json           METRICS_SCHEMA below
       test_predictions.csv   path,sha,label,predicted,probability,p:<class>... (the full probability vector)
+      test_predictions-<task>.csv   the same for every task but the first (several --task), over its known labels
       report.html            written by affinage.report
       checkpoint/            while training only (affinage.train); removed when the run is complete
 
@@ -64,6 +65,8 @@ METRICS_SCHEMA: dict[str, str] = {
     "old_task": "--init-from: source, n_classes, keep, measured; with --old-data accuracy_before, accuracy_after, "
                 "forgetting (before - after on the old data's test split), per_class recall before/after; else reason",
     "new_task": "--init-from: n and accuracy on the new data's test images (all classes competing)",
+    "tasks": "several --task: {task: its full test block (as test), unknown, classes, masked {reason: labels}, "
+             "groups}; test is the first task's",
     "leaks*": "pairs, exact, near, dropped, label_conflicts",
     "targets*": "each --target with its value and passed",
     "diagnosis*": "learning-curve findings",

@@ -82,6 +82,38 @@ class Run:
                            flip_tta=self.tta).numpy()
 
     @property
+    def tasks(self) -> list[LabelSpace]:
+        """Every task's label space, the default (first) task first: one for single-label runs."""
+        heads = self.info.heads
+        return [heads[self.info.task].labels] + [h.labels for t, h in heads.items() if t != self.info.task]
+
+    def task_logits(self, pixels: Any, indices: list[int] | None = None, progress: bool = False) -> np.ndarray:
+        """Every task's logits side by side (`tasks` order), through the test-time inference path."""
+        if len(self.tasks) == 1:
+            return self.logits(pixels, indices, progress)
+        import torch
+
+        from .inference import default_device, run_batches
+
+        device = default_device()
+        model = self.model.to(device).to(memory_format=torch.channels_last)
+        idx = list(range(len(pixels))) if indices is None else indices
+        return run_batches(model.forward_tasks, pixels, idx, self.preprocessing, device, self.dtype(device),
+                           progress=progress, flip_tta=self.tta).numpy()
+
+    def probabilities(self, pixels: Any) -> np.ndarray:
+        """Class probabilities of decoded images, every task's side by side (each task's row sums to 1)."""
+        from .evaluate import softmax
+
+        logits = self.task_logits(pixels)
+        ends = np.cumsum([len(t) for t in self.tasks])
+        return np.concatenate([softmax(block) for block in np.split(logits, ends[:-1], axis=1)], axis=1)
+
+    def split_tasks(self, row: np.ndarray) -> list[np.ndarray]:
+        """One image's side-by-side probabilities cut per task."""
+        return np.split(row, np.cumsum([len(t) for t in self.tasks])[:-1])
+
+    @property
     def tta(self) -> bool:
         """True: the run kept flip test-time augmentation (it helped on val); every prediction averages the plain
         and mirrored images' probabilities, as the test figures did."""

@@ -68,7 +68,7 @@ def run_search(cfg: TrainConfig, plan: Any, backbone: Any, data: Any, features: 
 
     assert not data.splits.test, "the search must not see the test split"
     train, val = data.splits.train, data.splits.val
-    yv = data.y[val]
+    yv = scoring(data, np.zeros((len(val), _width(data))))[1]  # the labels selection compares on (see `scoring`)
     auto = cfg.strategy == "auto"
     fwd = _forward_seconds(backbone, data, features, plan)
     spent = backbone.seconds + data.seconds + features.seconds
@@ -122,7 +122,7 @@ def run_search(cfg: TrainConfig, plan: Any, backbone: Any, data: Any, features: 
         cand.seconds = probe.seconds if name == "linear-probe" and probe is not None else time.perf_counter() - t0
         if cand.fine_tune is not None:
             search.learn_speed(predicted, [r.seconds for r in cand.fine_tune.history[1:]])
-        acc = float((cand.val_logits.argmax(1) == yv).mean()) if len(yv) else 0.0
+        acc = float((scoring(data, cand.val_logits)[0].argmax(1) == yv).mean()) if len(yv) else 0.0
         search.record(name, acc)
         stopped = cand.fine_tune.stop_reason if cand.fine_tune is not None else None
         cand.row = {"strategy": name, "val_accuracy": round(acc, 4), "seconds": round(cand.seconds, 1),
@@ -136,8 +136,8 @@ def run_search(cfg: TrainConfig, plan: Any, backbone: Any, data: Any, features: 
         done.append(cand)
         rows.append(cand.row)
     # where val cannot separate them, the candidate that trains the fewest parameters: the least fitted to the data
-    choice = choose([Scored.from_logits(c.name, c.val_logits, float(_trained_params(c))) for c in done], yv,
-                    prefer_cheaper=True)
+    choice = choose([Scored.from_logits(c.name, scoring(data, c.val_logits)[0], float(_trained_params(c)))
+                     for c in done], yv, prefer_cheaper=True)
     winner = done[choice.index]
     for row in rows:
         scored = next((t for t in choice.table if t["name"] == row["strategy"]), None)
@@ -167,7 +167,7 @@ def _lp_init(cfg: TrainConfig, backbone: Any, data: Any, features: Any, run_dir:
     num_features = backbone.net.num_features if backbone.net is not None else backbone.card.num_features
     hp = get_strategy("linear-probe").resolve(TrainConfig(data=cfg.data, seed=cfg.seed))
     old = data.old
-    head = _imprinted(new_head(cfg, num_features, data.labels, old.hidden if old is not None else None, backbone.net),
+    head = _imprinted(task_head(cfg, num_features, data, old.hidden if old is not None else None, backbone.net),
                       data, features)
     return fit_head(cfg, hp, head, features, data, run_dir, "head-init", log)
 
@@ -191,6 +191,14 @@ def _probe(cfg: TrainConfig, data: Any, features: Any, log: Callable[[str], None
 
     train, val = data.splits.train, data.splits.val
     feats = features.values.float().numpy()
+    if data.tasks is not None:  # one tuned probe per task, on its known labels
+        from .tasks import fit_probes
+
+        head, logits, cs, first = fit_probes(fit_probe, data.tasks, feats, train, val, stage_seed(cfg.seed, "probe"))
+        fit = replace(first, head=head, val_logits=logits, task_C=cs)
+        log("probe on frozen features, one per task: C " + ", ".join(f"{t} {c:g}" for t, c in cs.items())
+            + " chosen on val")
+        return fit
     fit = fit_probe(feats[train], data.y[train], feats[val], data.y[val], len(data.labels),
                     seed=stage_seed(cfg.seed, "probe"))
     log(f"probe on frozen features: C={fit.C:g} chosen on val (val accuracy "
@@ -217,7 +225,7 @@ def _probe_result(probe: Any, n_train: int) -> Any:
 def _head_candidate(cfg: TrainConfig, strategy: Any, hp: dict[str, Any], backbone: Any, data: Any, features: Any,
                     run_dir: Path, log: Callable[[str], None]) -> Candidate:
     num_features = backbone.net.num_features if backbone.net is not None else backbone.card.num_features
-    head = _imprinted(new_head(cfg, num_features, data.labels, strategy.head_hidden, backbone.net), data, features)
+    head = _imprinted(task_head(cfg, num_features, data, strategy.head_hidden, backbone.net), data, features)
     head, result = fit_head(cfg, hp, head, features, data, run_dir, "head", log)
     with torch.no_grad():
         logits = head(features.values[data.splits.val].float()).numpy()
@@ -248,15 +256,15 @@ def _start_net(cfg: TrainConfig, strategy: Any, backbone: Any, data: Any, init: 
         with seeded(cfg.seed, "scratch"):
             net = create_model(cfg.model, num_classes=len(data.labels), pretrained=False, image_size=cfg.image_size,
                                trust_remote_code=cfg.trust_remote_code, mean=cfg.mean, std=cfg.std)
-        net.set_head(net.task, new_head(cfg, net.num_features, data.labels, None, None, "head-random"), None,
-                     data.labels)
+        net.set_head(net.task, task_head(cfg, net.num_features, data, None, None, "head-random"), None,
+                     head_labels(data))
         return net
     net = copy.deepcopy(backbone.net) if several else backbone.net
     if cfg.head_init == "random" or init is None:
-        head = new_head(cfg, net.num_features, data.labels, strategy.head_hidden, None, "head-random")
+        head = task_head(cfg, net.num_features, data, strategy.head_hidden, None, "head-random")
     else:
         head = copy.deepcopy(init[0])
-    net.set_head(net.task, head, strategy.head_hidden, data.labels)
+    net.set_head(net.task, head, strategy.head_hidden, head_labels(data))
     return net
 
 
@@ -273,12 +281,12 @@ def _choose_alpha(cfg: TrainConfig, plan: Any, net: Any, start: dict[str, Any], 
     both = old is not None and is_old is not None and is_old[data.splits.val].any() and (~is_old[data.splits.val]).any()
     grid = KEEP_ALPHAS if both else WISE_ALPHAS
     alphas = [float(cfg.interpolate)] if cfg.interpolate not in ("auto", "none") else list(grid)
-    yv = data.y[data.splits.val]
+    yv = scoring(data, tuned)[1]
     logits = {1.0: tuned}
     for a in alphas:
         net.load_state_dict(_mix(start, end, a))
         logits[a] = _val_logits(plan, net, data, False)
-    curve = [{"alpha": a, "val_accuracy": float((lg.argmax(1) == yv).mean()),
+    curve = [{"alpha": a, "val_accuracy": float((scoring(data, lg)[0].argmax(1) == yv).mean()),
               **(both_tasks_accuracy(lg, yv, is_old[data.splits.val]) if both else {})}
              for a, lg in sorted(logits.items())]
     if cfg.interpolate not in ("auto", "none"):
@@ -288,7 +296,8 @@ def _choose_alpha(cfg: TrainConfig, plan: Any, net: Any, start: dict[str, Any], 
         alpha, why = best["alpha"], (f"mean of old ({best['old_accuracy']:.3f}) and new ({best['new_accuracy']:.3f}) "
                                      f"val accuracy {best['mean']:.3f}, the highest over alpha")
     else:
-        pick = choose([Scored.from_logits(f"{a:g}", lg) for a, lg in sorted(logits.items(), reverse=True)], yv)
+        pick = choose([Scored.from_logits(f"{a:g}", scoring(data, lg)[0]) for a, lg in sorted(logits.items(),
+                                                                                           reverse=True)], yv)
         alpha, why = float(pick.name), pick.reason.split(" kept by ")[-1]
     net.load_state_dict(_mix(start, end, alpha))
     log(f"  WiSE-FT: alpha {alpha:g} kept ({why})")
@@ -306,7 +315,7 @@ def _mix(start: dict[str, Any], end: dict[str, Any], alpha: float) -> dict[str, 
 def _last_points(cfg: TrainConfig, plan: Any, winner: Candidate, backbone: Any, data: Any, features: Any,
                  probe: Any, init: Any, run_dir: Path, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     plan = replace(plan, strategy=winner.strategy, hp=winner.hp)
-    yv = data.y[data.splits.val]
+    yv = scoring(data, winner.val_logits)[1]
     extras: dict[str, Any] = {"wise_alpha": winner.alpha, "wise_curve": winner.alpha_curve, "probe_C": probe.C if probe is not None else None,
                               "probe_grid": probe.choice.table if probe is not None else None}
     logits, tta = winner.val_logits, False
@@ -317,8 +326,8 @@ def _last_points(cfg: TrainConfig, plan: Any, winner: Candidate, backbone: Any, 
         if cfg.tta == "on":
             tta = True
         else:
-            pick = choose([Scored.from_logits("plain", logits, 1.0), Scored.from_logits("flip", flipped, 2.0)], yv,
-                          prefer_cheaper=True)
+            pick = choose([Scored.from_logits("plain", scoring(data, logits)[0], 1.0),
+                           Scored.from_logits("flip", scoring(data, flipped)[0], 2.0)], yv, prefer_cheaper=True)
             tta = pick.name == "flip"
         extras["tta_reason"] = "--tta on" if cfg.tta == "on" else pick.reason
         logits = flipped if tta else logits
@@ -328,8 +337,9 @@ def _last_points(cfg: TrainConfig, plan: Any, winner: Candidate, backbone: Any, 
     extras["tta"] = tta
     from .selection import calibrated_nll
 
-    nll, _ = calibrated_nll(Scored.from_logits("", logits).log_probs, yv)
-    extras["val"] = {"accuracy": float((logits.argmax(1) == yv).mean()) if len(yv) else None,
+    rows = scoring(data, logits)[0]
+    nll, _ = calibrated_nll(Scored.from_logits("", rows).log_probs, yv)
+    extras["val"] = {"accuracy": float((rows.argmax(1) == yv).mean()) if len(yv) else None,
                      "loss_calibrated": float(nll.mean()) if len(yv) else None, "n": len(yv)}
     extras["val_logits"] = logits
     refit = cfg.refit == "on" or (cfg.refit == "auto" and winner.name == "linear-probe" and probe is not None)
@@ -339,7 +349,14 @@ def _last_points(cfg: TrainConfig, plan: Any, winner: Candidate, backbone: Any, 
 
         feats = features.values.float().numpy()
         both = list(data.splits.train) + list(data.splits.val)
-        extras["head"] = refit_probe(probe.C, feats[both], data.y[both], len(data.labels), stage_seed(cfg.seed, "probe"))
+        if data.tasks is not None:
+            from .tasks import refit_probes
+
+            extras["head"] = refit_probes(refit_probe, data.tasks, feats, both, probe.task_C,
+                                          stage_seed(cfg.seed, "probe"))
+        else:
+            extras["head"] = refit_probe(probe.C, feats[both], data.y[both], len(data.labels),
+                                         stage_seed(cfg.seed, "probe"))
         extras["refit"] = True
         log(f"refit: the probe (C={probe.C:g}, chosen on val) fitted again on train + val ({len(both)} images)")
     elif refit and winner.fine_tune is not None:
@@ -470,6 +487,49 @@ def _round_to(value: float, multiple: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Training pieces: a head on features, fine-tuning on images
 # ----------------------------------------------------------------------------------------------
+def scoring(data: Any, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The val logits and labels that selection compares: one row per val image, or with several tasks one row per
+    known (image, task) label (tasks.TaskSet.scoring_rows)."""
+    val = data.splits.val
+    if data.tasks is None:
+        return logits, data.y[val]
+    return data.tasks.scoring_rows(logits, data.tasks.y[val])
+
+
+def _width(data: Any) -> int:
+    return sum(data.tasks.sizes) if data.tasks is not None else len(data.labels)
+
+
+def targets_of(data: Any) -> np.ndarray:
+    """What the training loop's labels are: the class index per sample, or per sample and task."""
+    return data.tasks.y if data.tasks is not None else data.y
+
+
+def head_labels(data: Any) -> Any:
+    """The label space `set_head` checks a head against (None for a MultiHead: its tasks carry theirs)."""
+    return None if data.tasks is not None else data.labels
+
+
+def _objective(data: Any, cfg: TrainConfig, module: Any, loss: Any) -> dict[str, Any]:
+    """LoopSettings' loss and objective: the tasks' (several labels per image), else the given loss."""
+    if data.tasks is None:
+        return {"loss": loss}
+    from .tasks import TaskObjective
+
+    objective = TaskObjective(data.tasks, cfg.label_smoothing).bind(module)
+    return {"loss": objective.loss, "objective": objective}
+
+
+def task_head(cfg: TrainConfig, num_features: int, data: Any, hidden: int | None, net: Any,
+              stage: str = "head") -> Any:
+    """`new_head` for the data's task, or a MultiHead of one such head per task."""
+    if data.tasks is None:
+        return new_head(cfg, num_features, data.labels, hidden, net, stage)
+    from .tasks import make_multihead
+
+    return make_multihead(data.tasks, lambda space: new_head(cfg, num_features, space, hidden, None, f"{stage}-{space.task}"))
+
+
 def new_head(cfg: TrainConfig, num_features: int, labels: Any, hidden: int | None, net: Any,
              stage: str = "head") -> Any:
     """A fresh head for the task, seeded for its own stage; a starting run's head when its label space is the same
@@ -497,7 +557,7 @@ def fit_head(cfg: TrainConfig, hp: dict[str, Any], head: Any, features: Any, dat
     from .strategies import decay_groups
     from .train import LoopSettings, fit
 
-    feats, y = features.values.float(), torch.as_tensor(data.y)
+    feats, y = features.values.float(), torch.as_tensor(targets_of(data))
     tensors = {name: torch.utils.data.TensorDataset(feats[idx], y[idx]) for name, idx in data.splits.items()}
     groups = decay_groups("head", list(head.named_parameters()), hp["lr"], hp["weight_decay"])
     old = data.old  # on cached features the old head alone is the teacher (the backbone is frozen)
@@ -509,7 +569,7 @@ def fit_head(cfg: TrainConfig, hp: dict[str, Any], head: Any, features: Any, dat
                               checkpoint=run_dir / CHECKPOINT_DIR / f"{phase}.pt", checkpoint_every=10.0,
                               distributed=False, label_smoothing=cfg.label_smoothing,
                               seed=stage_seed(cfg.seed, phase), precision=_precision(), grad_accum=cfg.grad_accum,
-                              checkpoint_key=data.key, batch_sampler=sampler, loss=loss,
+                              checkpoint_key=data.key, batch_sampler=sampler, **_objective(data, cfg, head, loss),
                               val_weights=val_weights(old, data.splits.val, data.is_old)),
                  log=log)
     head = head.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
@@ -534,9 +594,10 @@ def fine_tune(cfg: TrainConfig, plan: Any, net: Any, data: Any, run_dir: Path, p
     strategy, hp, pp, splits, y = plan.strategy, plan.hp, net.preprocessing, data.splits, data.y
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers()
     train_size = hp["train_image_size"] if hp["train_image_size"] != pp.input_size else None
-    train_ds = PixelDataset(data.decoded.pixels, splits.train, y[splits.train].tolist(),
+    y = targets_of(data)  # (samples,) or, with several tasks, (samples, tasks)
+    train_ds = PixelDataset(data.decoded.pixels, splits.train, list(y[splits.train]),
                             train_transform(pp, hp["augment"], train_size))
-    val_ds = PixelDataset(data.decoded.pixels, splits.val, y[splits.val].tolist(), eval_transform(pp))
+    val_ds = PixelDataset(data.decoded.pixels, splits.val, list(y[splits.val]), eval_transform(pp))
     old = data.old
     teacher = Teacher(net, old.head) if old is not None and old.distill and strategy.name != "scratch" else None
     sampler, loss = training_parts(old, splits.train, data.is_old, hp["batch_size"], teacher,
@@ -550,7 +611,7 @@ def fine_tune(cfg: TrainConfig, plan: Any, net: Any, data: Any, run_dir: Path, p
                               checkpoint=run_dir / CHECKPOINT_DIR / checkpoint, label_smoothing=cfg.label_smoothing,
                               seed=stage_seed(cfg.seed, "fine-tune"), precision=plan.precision,
                               grad_accum=cfg.grad_accum, checkpoint_key=data.key + strategy.name, stop=stop,
-                              batch_sampler=sampler, loss=loss,
+                              batch_sampler=sampler, **_objective(data, cfg, module, loss),
                               val_weights=val_weights(old, splits.val, data.is_old)),
                  on_epoch_start=lambda e: strategy.apply(module, e, hp["epochs"]),
                  after_train_mode=lambda m: set_norms_eval(m, not cfg.train_bn_stats), log=log)

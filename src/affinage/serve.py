@@ -63,8 +63,6 @@ class BatchingModel:
         self._worker.join(timeout=10)
 
     def _loop(self) -> None:
-        from .evaluate import softmax
-
         while True:
             first = self._requests.get()
             if first is None:
@@ -81,7 +79,7 @@ class BatchingModel:
                     break
                 batch.append(item)
             try:
-                probabilities = softmax(self.run.logits(np.stack([pixels for pixels, _ in batch])))
+                probabilities = self.run.probabilities(np.stack([pixels for pixels, _ in batch]))
             except BaseException as exc:  # answer every waiting request, keep serving
                 for _, future in batch:
                     future.set_exception(exc)
@@ -121,10 +119,12 @@ def build_app(run: Run | str | os.PathLike[str], top_k: int = 5, max_upload_mb: 
     max_bytes = int(max_upload_mb * 1e6)
     classes = run.classes
 
-    def predict(image: dict[str, Any] | None) -> dict[str, float] | None:
+    tasks = run.tasks
+
+    def predict(image: dict[str, Any] | None) -> Any:
         # preprocess=False: Gradio hands over the uploaded file untouched (no re-encoding), as {"path": ...}
         if not image:
-            return None
+            return None if len(tasks) == 1 else [None] * len(tasks)
         path = image["path"] if isinstance(image, dict) else str(image)
         name = (image.get("orig_name") if isinstance(image, dict) else None) or Path(path).name
         size = os.path.getsize(path)
@@ -138,8 +138,10 @@ def build_app(run: Run | str | os.PathLike[str], top_k: int = 5, max_upload_mb: 
         except UnreadableImage as exc:
             raise gr.Error(f"{name} cannot be used: {exc}. Upload a JPEG, PNG, WebP, BMP or TIFF photo.",
                            title="Not a usable photo", print_exception=False) from None
-        top = top_labels(model.probabilities(pixels), classes, top_k)
-        return {t["label"]: t["probability"] for t in top}
+        rows = run.split_tasks(model.probabilities(pixels))
+        answers = [{t["label"]: t["probability"] for t in top_labels(row, list(space.classes), top_k)}
+                   for row, space in zip(rows, tasks)]
+        return answers[0] if len(tasks) == 1 else answers
 
     examples = held_out_photos(run, MAX_EXAMPLES)
     with gr.Blocks(title=f"affinage · {run.path.name}", analytics_enabled=False) as app:
@@ -147,13 +149,19 @@ def build_app(run: Run | str | os.PathLike[str], top_k: int = 5, max_upload_mb: 
         with gr.Row():
             image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="photo",
                              height=320, elem_id="photo")
-            label = gr.Label(num_top_classes=min(top_k, len(classes)), label="prediction", elem_id="prediction")
+            with gr.Column():  # one label per task (several labels per image: one head each)
+                labels = [gr.Label(num_top_classes=min(top_k, len(space)),
+                                   label="prediction" if len(tasks) == 1 else space.task,
+                                   elem_id="prediction" if k == 0 else f"prediction-{k}")
+                          for k, space in enumerate(tasks)]
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=[image], label="photos from the run's test split",
                         examples_per_page=len(examples))
-        gr.Markdown(f"Classes: {', '.join(classes)}. The model always answers with one of these, even for a photo "
+        named = "; ".join(f"{s.task}: {', '.join(s.classes)}" for s in tasks) if len(tasks) > 1 else ", ".join(classes)
+        gr.Markdown(f"Classes: {named}. The model always answers with one of these, even for a photo "
                     f"of something else. Uploads up to {max_upload_mb:g} MB.")
-        image.change(predict, inputs=image, outputs=label, api_name="predict", preprocess=False,
+        image.change(predict, inputs=image, outputs=labels[0] if len(tasks) == 1 else labels, api_name="predict",
+                     preprocess=False,
                      concurrency_limit=concurrency, show_progress="minimal")
     app.queue(default_concurrency_limit=concurrency)
     app._affinage_model = model  # type: ignore[attr-defined]  # kept alive with the app; tests may close it

@@ -19,7 +19,7 @@ ALIASES = {"acc": "accuracy", "top5": "top5_accuracy", "f1": "macro_f1", "recall
            "precision": "macro_precision", "sensitivity": "macro_recall"}
 OPERATORS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le, ">": operator.gt,
                                                          "<": operator.lt}
-_GRAMMAR = re.compile(r"""\s*(?P<metric>[A-Za-z][A-Za-z0-9_]*)\s*
+_GRAMMAR = re.compile(r"""\s*(?:(?P<task>[A-Za-z_][A-Za-z0-9_-]*)\s*:)?\s*(?P<metric>[A-Za-z][A-Za-z0-9_]*)\s*
                           (?:\[\s*(?P<cls>[^\[\]]+?)\s*\])?\s*
                           (?P<op>>=|<=|>|<)\s*
                           (?P<number>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*(?P<percent>%?)\s*""", re.X)
@@ -27,13 +27,14 @@ _GRAMMAR = re.compile(r"""\s*(?P<metric>[A-Za-z][A-Za-z0-9_]*)\s*
 
 @dataclass(frozen=True)
 class Target:
-    """One parsed target: `metric[cls] op threshold`."""
+    """One parsed target: `[task:]metric[cls] op threshold`."""
 
     expr: str  # as the user wrote it
     metric: str
     cls: str | None
     op: str
     threshold: float
+    task: str | None = None  # several --task: the task whose test figures it names (None: the first task)
 
     def value(self, test: dict[str, Any]) -> float:
         if self.cls is None:
@@ -74,27 +75,35 @@ def parse_target(expr: str) -> Target:
     threshold = float(match["number"]) / (100.0 if match["percent"] else 1.0)
     if not math.isfinite(threshold):
         raise AffinageError(f"target '{expr}' has a non-finite threshold", "use a number such as 0.9 or 90%")
-    return Target(expr.strip(), metric, cls, match["op"], threshold)
+    return Target(expr.strip(), metric, cls, match["op"], threshold, match["task"])
 
 
-def parse_targets(exprs: Iterable[str], classes: Sequence[str] | None = None) -> list[Target]:
-    """Parse every target; with `classes`, also check each class name and that top-5 accuracy exists."""
+def parse_targets(exprs: Iterable[str], classes: Sequence[str] | None = None,
+                  tasks: dict[str, Sequence[str]] | None = None) -> list[Target]:
+    """Parse every target; with `classes` (and `tasks`: each task's classes), also check each task and class name
+    and that top-5 accuracy exists."""
     targets = [parse_target(e) for e in exprs]
     if classes is not None:
         for t in targets:
-            if t.cls is not None and t.cls not in classes:
+            if t.task is not None and t.task not in (tasks or {}):
+                raise AffinageError(f"target '{t.expr}' names task '{t.task}', which this run does not train",
+                                    f"tasks: {', '.join(tasks)}" if tasks else
+                                    "train several labels per image with --task COLUMN (repeated), or drop the prefix")
+            names = list((tasks or {}).get(t.task, classes)) if t.task is not None else classes
+            if t.cls is not None and t.cls not in names:
                 raise AffinageError(f"class '{t.cls}' in target '{t.expr}' is not a class of this data",
-                                    f"classes: {', '.join(classes)}")
-            if t.metric == "top5_accuracy" and len(classes) <= TOP5_MIN_CLASSES:
+                                    f"classes: {', '.join(names)}")
+            if t.metric == "top5_accuracy" and len(names) <= TOP5_MIN_CLASSES:
                 raise AffinageError(f"target '{t.expr}' needs top-5 accuracy, which is only measured with more than "
-                                    f"{TOP5_MIN_CLASSES} classes (this data has {len(classes)}: every image's class "
+                                    f"{TOP5_MIN_CLASSES} classes (this data has {len(names)}: every image's class "
                                     "is among the top 5, so it would always be 1.0)", "use accuracy instead")
     return targets
 
 
-def check_targets(targets: Sequence[Target], test: dict[str, Any]) -> list[dict[str, Any]]:
-    """[{"expr", "value", "passed"}] for the test metrics of a run."""
-    return [t.check(test) for t in targets]
+def check_targets(targets: Sequence[Target], test: dict[str, Any],
+                  tasks: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """[{"expr", "value", "passed"}] for the test metrics of a run (`tasks`: each task's, for `task:` targets)."""
+    return [t.check(tasks[t.task] if t.task is not None and tasks else test) for t in targets]
 
 
 def format_result(result: dict[str, Any]) -> str:

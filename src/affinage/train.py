@@ -119,6 +119,9 @@ class LoopSettings:
     # per val image, in val order, summing to 1: val accuracy is the weighted one (keep.val_weights: the mean of the
     # old task's and the new task's accuracy, whatever their val sizes); None: the plain accuracy
     val_weights: torch.Tensor | None = None
+    # several labels per image (tasks.TaskObjective): y is (batch, tasks); accuracy counts every known (image, task)
+    # label and the val loss sums the tasks'. None: one task, y is (batch,)
+    objective: Any = None
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -284,6 +287,7 @@ class _Loop:
         model.eval()  # not through DDP: its forward would synchronise buffers
         loss_sum, correct, count = 0.0, 0, 0
         weights, weighted = self.settings.val_weights, 0.0
+        objective, batches = self.settings.objective, []
         with torch.no_grad():
             for x, y in self.val_loader:
                 with autocast(device, self.settings.precision.inference_dtype):
@@ -291,21 +295,28 @@ class _Loop:
                 y = y.to(logits.device)
                 if self.together:  # every process's share of the batch, the padding of an uneven last batch dropped
                     logits, y = self.accelerator.gather_for_metrics((logits, y))
+                if objective is not None:  # the tasks' losses are means over their known labels: whole split
+                    batches.append((logits.cpu(), y.cpu()))
+                    continue
                 loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
                 hits = logits.argmax(1) == y
                 if weights is not None:
                     weighted += float((hits.double().cpu() * weights[count:count + len(y)].double()).sum())
                 correct += int(hits.sum())
                 count += len(y)
+        if objective is not None:
+            logits, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+            right, known = objective.hits(logits, y)
+            return objective.val_loss(logits, y), right / max(1, known)
         return loss_sum / max(1, count), weighted if weights is not None else correct / max(1, count)
 
-    def train_epoch(self, epoch: int, loss_fn: nn.Module, progress: bool) -> tuple[float, int, int]:
-        """One pass over the training data: (loss sum, correct, count) over all processes. Sets `result.diverged`
+    def train_epoch(self, epoch: int, loss_fn: nn.Module, progress: bool) -> tuple[float, int, int, int]:
+        """One pass over the training data: (loss sum, correct, images, labels) over all processes. Sets `result.diverged`
         (and stops) on a NaN/inf loss, at the same step on every process."""
         from tqdm.auto import tqdm
 
         settings, accelerator, module = self.settings, self.accelerator, self.module
-        loss_sum, correct, count = 0.0, 0, 0
+        loss_sum, correct, count, labels = 0.0, 0, 0, 0
         bar = tqdm(self.train_loader, desc=f"{settings.phase} epoch {epoch}/{settings.epochs}", unit="batch",
                    leave=False, disable=not progress, mininterval=1.0)
         for step, (x, y) in enumerate(bar, start=1):
@@ -318,25 +329,28 @@ class _Loop:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+            right, known = (settings.objective.hits(logits.detach(), y) if settings.objective is not None
+                            else (int((logits.argmax(1) == y).sum()), len(y)))
             if self.together:  # the whole batch's figures on every process
-                batch = accelerator.reduce(torch.stack([
-                    loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                    torch.tensor(float(len(y)), dtype=torch.float64, device=y.device)]), "sum")
+                batch = accelerator.reduce(torch.tensor([float(loss.detach()) * len(y), right, len(y), known],
+                                                        dtype=torch.float64, device=y.device), "sum")
                 batch_loss, batch_correct, batch_count = float(batch[0]), int(batch[1]), int(batch[2])
+                known = int(batch[3])
                 loss_value = batch_loss / max(1, batch_count)
             else:
                 loss_value = loss.item()
-                batch_loss, batch_correct, batch_count = loss_value * len(y), int((logits.argmax(1) == y).sum()), len(y)
+                batch_loss, batch_correct, batch_count = loss_value * len(y), right, len(y)
             if not math.isfinite(loss_value):
                 self.result.diverged = f"the training loss became {loss_value} at step {step} of epoch {epoch}"
                 break
             loss_sum += batch_loss
             correct += batch_correct
             count += batch_count
+            labels += known
         bar.close()
         if self.together:
             distributed.sync_buffers(self.unwrapped)  # running statistics of BatchNorms in train mode: the main one's
-        return loss_sum, correct, count
+        return loss_sum, correct, count, labels
 
     def keep_if_best(self, epoch: int, val_loss: float, val_acc: float) -> None:
         if (val_acc, -val_loss) > self.best_key:
@@ -432,7 +446,7 @@ def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str
         if after_train_mode is not None:
             with frozen.as_strategy_set():
                 after_train_mode(module)
-        loss_sum, correct, count = loop.train_epoch(epoch, loss_fn, settings.progress and distributed.is_main())
+        loss_sum, correct, count, labels = loop.train_epoch(epoch, loss_fn, settings.progress and distributed.is_main())
         if result.diverged is None:
             val_loss, val_acc = loop.validate()
             if not math.isfinite(val_loss):
@@ -444,7 +458,7 @@ def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str
             result.stopped_early = finished = True
             break
         result.samples_seen += count
-        record = EpochRecord(settings.phase, epoch, loss_sum / max(1, count), correct / max(1, count), val_loss, val_acc,
+        record = EpochRecord(settings.phase, epoch, loss_sum / max(1, count), correct / max(1, labels), val_loss, val_acc,
                              float(scheduler.get_last_lr()[0]), trainable, time.perf_counter() - t0)
         result.history.append(record)
         loop.keep_if_best(epoch, val_loss, val_acc)
