@@ -24,11 +24,12 @@ def _multi_csv(root: Path, images: Path, empty_every: int = 10, empty_first: boo
     for cls in sorted(p.name for p in images.iterdir()):
         for i, f in enumerate(sorted((images / cls).iterdir())):
             tone = "" if i % empty_every < 3 else {"red_disc": "R", "green_square": "G"}.get(cls, "B")
-            rows.append([str(f), "" if empty_first and i == 0 else cls, "warm" if cls == "red_disc" else "cold", tone])
+            rows.append([str(f), "" if empty_first and i == 0 else cls, "warm" if cls == "red_disc" else "cold", tone,
+                         "even" if i % 2 == 0 else "odd"])
     path = root / "labels.csv"
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", *TASKS])
+        w.writerow(["path", *TASKS, "group"])
         w.writerows(rows)
     return path
 
@@ -126,7 +127,7 @@ def test_multitask_run_reports_every_task_and_masks_unknown_labels(multi_run: Pa
     metrics = json.loads((multi_run / "metrics.json").read_text())
     assert set(metrics["tasks"]) == set(TASKS)
     assert metrics["test"] == {k: v for k, v in metrics["tasks"]["shape"].items()
-                               if k not in ("unknown", "classes", "masked")}
+                               if k not in ("unknown", "classes", "masked", "groups")}
     tone = metrics["tasks"]["tone"]
     test_rows = list(csv.DictReader(open(multi_run / "splits" / "test.csv")))
     empty = sum(1 for r in test_rows if int(Path(r["path"]).stem.split("_")[-1]) % 10 < 3)
@@ -136,6 +137,9 @@ def test_multitask_run_reports_every_task_and_masks_unknown_labels(multi_run: Pa
     assert metrics["tasks"]["shape"]["accuracy"] > 0.6  # 3 classes: chance is 1/3
     assert metrics["targets"][0]["expr"] == "tone:accuracy>=0.0" and metrics["targets"][0]["value"] == tone["accuracy"]
     assert (multi_run / "test_predictions-tone.csv").is_file()
+    for task in TASKS:  # per-group figures per task, over that task's known labels
+        by_group = metrics["tasks"][task]["groups"]["by_group"]
+        assert sum(g["n"] for g in by_group.values()) == metrics["tasks"][task]["n"]
     info = json.loads((multi_run / "model" / "model.json").read_text())
     assert list(info["heads"]) == TASKS
 
@@ -185,3 +189,19 @@ def test_targets_name_their_task() -> None:
     blocks = {"gender": {"accuracy": 0.95}, "colour": {"per_class": {"Blue": {"recall": 0.7}}}}
     results = check_targets(targets, {"accuracy": 0.6}, blocks)
     assert [r["passed"] for r in results] == [True, False, True]
+
+
+def test_the_demo_page_shows_one_label_per_task(multi_run: Path, tiny_images: Path) -> None:
+    pytest.importorskip("gradio")
+    from affinage.serve import build_app
+
+    app = build_app(multi_run)
+    try:
+        predict = next(fn.fn for fn in app.fns.values() if fn.api_name == "predict")
+        photo = str(next((tiny_images / "red_disc").iterdir()))
+        answers = predict({"path": photo, "orig_name": "red.png"})
+        assert len(answers) == len(TASKS)
+        assert set(answers[1]) == {"cold", "warm"} and abs(sum(answers[1].values()) - 1) < 1e-5
+        assert predict(None) == [None] * len(TASKS)
+    finally:
+        app._affinage_model.close()
