@@ -178,6 +178,20 @@ def test_cross_validation_decodes_and_extracts_features_once(cv_run):
         assert t["decode_cache_hit"] is True and t["decoded_images"] == 0 and t["features_cached"] is True, r
 
 
+def test_compare_rows_of_a_cross_validation_show_the_folds_mean_and_std(cv_run):
+    from affinage.compare import choose_on_val, markdown_table, row_from_run
+
+    _, out = cv_run
+    cv = runfiles.read_metrics(out, required=True)["cv"]
+    row = row_from_run("linear-probe", out, 12.0)
+    assert (row["test_accuracy"], row["test_accuracy_std"]) == (cv["accuracy_mean"], cv["accuracy_std"])
+    assert row["val_accuracy"] == cv["oof"]["accuracy"] and row["macro_f1"] == cv["macro_f1_mean"]
+    assert "test_accuracy_std" in markdown_table([row])
+    other = {**row, "strategy": "again", "trainable_params": row["trainable_params"] + 1}
+    k, reason, seen = choose_on_val([row, other])  # chosen on the out-of-fold predictions, as on val
+    assert k == 0 and seen == [round(cv["oof"]["accuracy"], 4)] * 2 and reason  # the cheaper of two equals
+
+
 def test_a_class_of_two_images_trains_under_folds_and_is_refused_without(tmp_path, tiny_timm):
     data = write_class_folders(tmp_path / "few", per_class=6)
     for extra in sorted((data / CLASSES[2]).iterdir())[2:]:

@@ -168,9 +168,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.folds is not None:  # K child runs and their out-of-fold figures (crossval.py)
         from .crossval import cross_validate
 
-        cross_validate(data=args.data, model=args.model, strategy=args.strategy, out=args.out, progress=not args.quiet,
-                       **_train_kwargs(args))
-        return 0
+        cv = cross_validate(data=args.data, model=args.model, strategy=args.strategy, out=args.out,
+                            progress=not args.quiet, **_train_kwargs(args))
+        final = cv.metrics["cv"]["final"] or {}
+        checks = [t for r in cv.metrics["cv"]["per_fold"] for t in r["targets"]] + final.get("targets", [])
+        return 1 if args.fail_on_target and any(not t["passed"] for t in checks) else 0
     run = finetune(data=args.data, model=args.model, strategy=args.strategy, out=args.out, progress=not args.quiet,
                    **_train_kwargs(args))
     return _target_status(args, run)

@@ -340,6 +340,7 @@ def _run_folds(root: Path, cfg: TrainConfig, strategy: str, folds: Folds, main: 
         rows.append({"fold": f, "strategy": m["strategy"], "run_dir": str(run.path), "n_test": m["test"]["n"],
                      **{k: m["test"][k] for k in HEADLINE if k in m["test"]},
                      "trainable_params": m["model"]["trainable_params"], "timing": timing,
+                     "targets": m.get("targets") or [],
                      "energy_kwh": (m.get("footprint") or {}).get("energy_kwh"),
                      "co2_kg": (m.get("footprint") or {}).get("co2_kg"),
                      "water_l": (m.get("footprint") or {}).get("water_l")})
@@ -446,6 +447,7 @@ def _final_model(root: Path, cfg: TrainConfig, strategy: str, shared: _Shared, f
                 "accuracy_ci95_width": round(ci[1] - ci[0], 4), "macro_f1": m["test"]["macro_f1"],
                 "interval": "95% Wilson interval of the accuracy on the given test split"}
     return {"run_dir": str(run.path), "strategy": m["strategy"], "trained_on": len(train) + len(val),
+            "targets": m.get("targets") or [] if given else [],
             "refit": (m.get("last_points") or {}).get("refit"), "test": test,
             **({} if given else {"why_no_test": "every image trains (train + val): the cross-validation's out-of-fold "
                                                 "figures are this model's estimate"})}
