@@ -76,7 +76,8 @@ def run_search(cfg: TrainConfig, plan: Any, backbone: Any, data: Any, features: 
                     reserve=fwd * 2 * max(len(val), len(data.decoded.samples) - len(train) - len(val)) + 10,
                     source=f"--budget {cfg.budget}" if cfg.budget else "the default budget")
     old = data.old  # keep.OldTask of an --init-from run: the sklearn probe cannot keep old rows
-    probe = _probe(cfg, data, features, log) if features.values is not None and old is None else None
+    wants_probe = features.values is not None and old is None and tuple(plan.candidates) != ("prototype",)
+    probe = _probe(cfg, data, features, log) if wants_probe else None  # (the prototypes alone need no probe)
     if auto and not cfg.budget and not cfg.budget_factor:
         budget.seconds = default_budget(plan.device, spent + (probe.seconds if probe is not None else 0.0))
         budget.source = f"the default budget, {budget.seconds / 60:.0f} min"
