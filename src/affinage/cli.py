@@ -126,6 +126,11 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
                    help="a goal checked on the test split, e.g. accuracy>=0.95, recall[tulip]>=0.9, specificity>=0.9, "
                         "macro_f1>=0.9 (repeatable); PASS/FAIL is printed and saved in metrics.json")
     t.add_argument("--fail-on-target", action="store_true", help="exit with status 1 when a --target is missed")
+    t.add_argument("--folds", type=int, metavar="K",
+                   help="k-fold cross-validation: K child runs on stratified folds (duplicates and groups kept in one "
+                        "fold), mean ± std of every figure and the out-of-fold predictions of every image; classes "
+                        "of 1-5 images train too (few-shot: the prototype classifier is tried beside the strategy); "
+                        "a given test split is held out for the final model (--refit on: a final model without one)")
     t.add_argument("--drop-leaks", action="store_true",
                    help="remove val/test images that duplicate an image of an earlier split (listed in leaks.csv)")
     t.add_argument("--country", default="FRA", help="ISO 3166-1 alpha-3 code of the grid, for the CO2 figure "
@@ -150,7 +155,7 @@ def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_epochs", "patience", "head_init", "image_size", "grad_accum", "val_fraction", "test_fraction",
             "splits_from", "group_by", "min_per_class", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha", "mean", "std",
             "budget", "budget_factor", "interpolate", "tta", "refit", "init_from", "old_data", "keep",
-            "replay_fraction", "distill_temperature", "distill_weight", "tasks", "task_weighting", "train_tasks")
+            "replay_fraction", "distill_temperature", "distill_weight", "tasks", "task_weighting", "train_tasks", "folds")
     kwargs = {k: getattr(args, k) for k in keys}
     kwargs["pretrained"] = not args.no_pretrained
     kwargs["resume"] = args.resume
@@ -170,6 +175,14 @@ def _target_status(args: argparse.Namespace, run: Any) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .run import finetune
 
+    if args.folds is not None:  # K child runs and their out-of-fold figures (crossval.py)
+        from .crossval import cross_validate
+
+        cv = cross_validate(data=args.data, model=args.model, strategy=args.strategy, out=args.out,
+                            progress=not args.quiet, **_train_kwargs(args))
+        final = cv.metrics["cv"]["final"] or {}
+        checks = [t for r in cv.metrics["cv"]["per_fold"] for t in r["targets"]] + final.get("targets", [])
+        return 1 if args.fail_on_target and any(not t["passed"] for t in checks) else 0
     run = finetune(data=args.data, model=args.model, strategy=args.strategy, out=args.out, progress=not args.quiet,
                    **_train_kwargs(args))
     return _target_status(args, run)
@@ -290,7 +303,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                             "pass --init-from RUN_DIR or --init-from pretrained")
     result = compare(data=args.data, model=args.model, strategies=[s for s in args.strategies.split(",") if s.strip()],
                      out=args.out, targets=args.target or [], seed=args.seed, train_args=extra, progress=not args.quiet,
-                     keeps=keeps, tasks=args.tasks, multitask_baseline=args.multitask_baseline)
+                     keeps=keeps, tasks=args.tasks, multitask_baseline=args.multitask_baseline,
+                     folds=args.folds)
     return 0 if result.cheapest is not None or not args.target else 1
 
 
@@ -405,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multitask-baseline", action="store_true",
                    help="with several --task: also train each task alone (same images, splits and strategy) and "
                         "report the per-task difference and LibMTL's Delta_m (multitask.csv)")
+    p.add_argument("--folds", type=int, metavar="K", help="cross-validate every strategy on the same K folds "
+                                                          "(affinage train --folds K); rows show the mean ± std")
     p.add_argument("--quiet", action="store_true", help="no progress bars in the runs")
     p.set_defaults(func=cmd_compare)
     return parser

@@ -60,12 +60,15 @@ def _say(msg: str) -> None:
 def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[str] = DEFAULT_STRATEGIES,
             out: str | os.PathLike[str] | None = None, targets: Sequence[str] = (), seed: int = 0,
             train_args: Sequence[str] = (), progress: bool = True, log: Callable[[str], None] = _say,
-            keeps: Sequence[str] = (), tasks: Sequence[str] = (), multitask_baseline: bool = False) -> Comparison:
+            keeps: Sequence[str] = (), tasks: Sequence[str] = (), multitask_baseline: bool = False,
+            folds: int | None = None) -> Comparison:
     """Run `strategies` on one split (the first run makes it, the others reuse its split lists) and write
     compare.csv, compare.md and compare.png in `out`. `train_args` are extra `affinage train` options; `keeps`
     (with --init-from in them): one run per strategy and way of keeping the old task, its forgetting in the row.
     `tasks`: the CSV's label columns (several: multi-task runs); with `multitask_baseline`, each strategy also trains
-    every task alone (`--train-task T`, same images and splits) and multitask.csv gives the per-task difference."""
+    every task alone (`--train-task T`, same images and splits) and multitask.csv gives the per-task difference;
+    `folds`: each strategy cross-validated on the same K folds (a pure function of the data, seed and K), its row
+    the mean ± std over them, chosen on the out-of-fold predictions."""
     from .run import prepare_run_dir
 
     names = [check_strategy(s) for s in strategies]
@@ -93,10 +96,11 @@ def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[s
         run_dir = root / "runs" / _slug(name)
         cmd = [sys.executable, "-m", "affinage.cli", "train", "--data", data, "--model", model, "--strategy", strategy,
                "--out", str(run_dir), "--seed", str(seed), *train_args, *(["--keep", mode] if mode else []),
-               *task_args, *(["--train-task", solo] if solo else [])]
+               *task_args, *(["--train-task", solo] if solo else []),
+               *(["--folds", str(folds)] if folds is not None else [])]
         for t in targets:
             cmd += ["--target", t]
-        if first is not None:
+        if first is not None and folds is None:
             cmd += ["--splits-from", str(first)]
         if not progress:
             cmd.append("--quiet")
@@ -127,7 +131,8 @@ def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[s
         rows.append(r)
         if mode is not None:
             rows[-1]["strategy"] = name
-        log(f"    val accuracy {_fmt(r['val_accuracy'], '.4f')}, test accuracy {r['test_accuracy']:.4f}, "
+        spread = f" ± {r['test_accuracy_std']:.4f} over {folds} folds" if r.get("test_accuracy_std") is not None else ""
+        log(f"    val accuracy {_fmt(r['val_accuracy'], '.4f')}, test accuracy {r['test_accuracy']:.4f}{spread}, "
             f"{r['wall_seconds']:.0f}s, "
             f"{_fmt(r['energy_kwh'], '.2e')} kWh, peak {_fmt(r['peak_memory_mb'], '.0f')} MB")
     result = finish(root, rows, targets, log)
@@ -188,8 +193,10 @@ def multitask_table(root: Path, rows: Sequence[dict[str, Any]], alone: dict[tupl
 
 
 def row_from_run(strategy: str, run_dir: Path, process_seconds: float) -> dict[str, Any]:
-    """One table row from a finished run directory."""
+    """One table row from a finished run directory (or cross-validation: the mean over its folds)."""
     m = read_metrics(run_dir, required=True)
+    if "cv" in m:
+        return _row_from_cv(strategy, run_dir, process_seconds, m)
     timing, footprint = m.get("timing", {}), m.get("footprint") or {}
     old, new = m.get("old_task") or {}, m.get("new_task") or {}
     checks = m.get("targets") or []
@@ -216,6 +223,21 @@ def row_from_run(strategy: str, run_dir: Path, process_seconds: float) -> dict[s
         "measured_as": COLD,
         "run_dir": str(run_dir),
     }
+
+
+def _row_from_cv(strategy: str, run_dir: Path, process_seconds: float, m: dict[str, Any]) -> dict[str, Any]:
+    """A cross-validation's row: test figures = the mean over the folds (with the std), val = out-of-fold."""
+    cv, footprint = m["cv"], m.get("footprint") or {}
+    folds = cv["per_fold"]
+    checks = [c for r in folds for c in (read_metrics(r["run_dir"]).get("targets") or [])]
+    return {"strategy": cv.get("strategy", strategy), "auto_pick": False, "val_accuracy": cv["oof"]["accuracy"],
+            "val_loss": cv["oof"].get("loss"), "test_accuracy": cv["accuracy_mean"],
+            "test_accuracy_std": cv["accuracy_std"], "macro_f1": cv["macro_f1_mean"],
+            "trainable_params": max(r["trainable_params"] for r in folds), "wall_seconds": round(process_seconds, 2),
+            "samples_per_second": None, "peak_memory_mb": max((r["timing"].get("peak_memory_mb") or 0) for r in folds),
+            "energy_kwh": footprint.get("energy_kwh"), "co2_kg": footprint.get("co2_kg"),
+            "targets_met": all(c.get("passed") for c in checks) if checks else None,
+            "features_cached": m["timing"].get("features_cached"), "measured_as": COLD, "run_dir": str(run_dir)}
 
 
 def finish(root: Path, rows: list[dict[str, Any]], targets: Sequence[str],
@@ -294,9 +316,9 @@ def choose_on_val(rows: Sequence[dict[str, Any]]) -> tuple[int, str, list[float]
 def read_val_predictions(run_dir: str | os.PathLike[str]) -> tuple[list[str], list[str], list[str], Any] | None:
     """val_predictions.csv of a run (runfiles owns the format): paths, labels, classes (the p:<class> columns'
     order) and the (n, classes) probabilities; None where the file or its probability columns are missing."""
-    from .runfiles import read_predictions
+    from .runfiles import OOF_PREDICTIONS, read_predictions
 
-    val = read_predictions(run_dir, VAL_PREDICTIONS)
+    val = read_predictions(run_dir, VAL_PREDICTIONS) or read_predictions(run_dir, OOF_PREDICTIONS)  # CV: out-of-fold
     if val is None or val.probabilities is None or val.classes is None:
         return None
     return val.paths, val.labels, val.classes, val.probabilities.reshape(len(val.paths), len(val.classes))
@@ -347,16 +369,20 @@ OLD_TASK_COLUMNS = ("keep", "new_accuracy", "old_accuracy", "forgetting")
 
 
 def columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The table's columns: the old-task ones only in an --init-from comparison (--keep)."""
+    """The table's columns: the old-task ones only in an --init-from comparison (--keep), the folds' std only in a
+    cross-validated one (--folds)."""
+    cols = list(COLUMNS)
+    if any(r.get("test_accuracy_std") is not None for r in rows):
+        cols.insert(cols.index("test_accuracy") + 1, "test_accuracy_std")
     if any(r.get("keep") for r in rows):
-        return [*COLUMNS[:-2], *OLD_TASK_COLUMNS, *COLUMNS[-2:]]
-    return list(COLUMNS)
+        return [*cols[:-2], *OLD_TASK_COLUMNS, *cols[-2:]]
+    return cols
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     cols = [c for c in columns(rows) if c not in ("run_dir", "measured_as")]  # measured_as: said under the table
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    formats = {"new_accuracy": ".4f", "old_accuracy": ".4f", "forgetting": "+.4f", "val_accuracy": ".4f", "val_loss": ".4f", "test_accuracy": ".4f", "macro_f1": ".4f", "wall_seconds": ".1f", "samples_per_second": ".1f",
+    formats = {"new_accuracy": ".4f", "old_accuracy": ".4f", "forgetting": "+.4f", "val_accuracy": ".4f", "val_loss": ".4f", "test_accuracy": ".4f", "test_accuracy_std": ".4f", "macro_f1": ".4f", "wall_seconds": ".1f", "samples_per_second": ".1f",
                "peak_memory_mb": ".0f", "energy_kwh": ".3e", "co2_kg": ".3e", "trainable_params": ",d"}
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[c], formats.get(c, "")) for c in cols) + " |")

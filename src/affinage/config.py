@@ -11,7 +11,7 @@ import yaml
 
 from .errors import AffinageError
 
-STRATEGY_NAMES = ("auto", "linear-probe", "head", "partial:N", "full", "progressive", "lora", "scratch")
+STRATEGY_NAMES = ("auto", "linear-probe", "head", "partial:N", "full", "progressive", "lora", "scratch", "prototype")
 COMPARE_STRATEGIES = ("linear-probe", "head", "partial:2", "progressive", "full", "lora")  # `affinage compare`'s default
 AUGMENT_PRESETS = ("none", "light", "strong")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -22,7 +22,7 @@ def check_strategy(name: str) -> str:
     name = name.strip().lower()
     if name in ("linear-probe", "linear_probe", "probe"):
         return "linear-probe"
-    if name in ("head", "full", "progressive", "lora", "auto", "scratch"):
+    if name in ("head", "full", "progressive", "lora", "auto", "scratch", "prototype"):
         return name
     match = re.fullmatch(r"partial:(\d+)", name)
     if match and int(match.group(1)) >= 1:
@@ -95,6 +95,8 @@ class TrainConfig:
     task_weighting: str = "equal"  # equal: task losses summed; uncertainty: Kendall et al.'s learned weights
     train_tasks: list[str] = field(default_factory=list)  # the tasks whose losses train (default: all); others measured
     extra: dict[str, Any] = field(default_factory=dict)
+    # k-fold cross-validation and few-shot (issue #13, crossval.py)
+    folds: int | None = None  # K stratified folds, K child runs, out-of-fold figures; None: one train/val/test split
 
     def __post_init__(self) -> None:
         from .targets import parse_targets
@@ -123,6 +125,7 @@ class TrainConfig:
             raise AffinageError(f"budget_factor must be > 0, got {self.budget_factor}", "pass e.g. --budget-factor 20")
         self._check_keep()
         self._check_tasks()
+        self._check_folds()
         if self.min_per_class is not None and self.min_per_class < 1:
             raise AffinageError(f"min_per_class must be >= 1, got {self.min_per_class}", "pass e.g. --min-per-class 3")
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -194,6 +197,22 @@ class TrainConfig:
         if not self.distill_temperature > 0 or self.distill_weight < 0:
             raise AffinageError(f"distill temperature {self.distill_temperature} / weight {self.distill_weight} invalid",
                                 "pass a positive --distill-temperature (e.g. 2) and a --distill-weight >= 0 (e.g. 1)")
+
+    def _check_folds(self) -> None:
+        """--folds K: K >= 2, and none of the options that fix one split or one starting model (checked on the data
+        later: K against the smallest class)."""
+        if self.folds is None:
+            return
+        if self.folds < 2:
+            raise AffinageError(f"--folds must be 2 or more, got {self.folds}", "pass e.g. --folds 5")
+        clashes = [(self.splits_from, "--splits-from", "the folds make their own split lists"),
+                   (self.resume, "--resume", "a cross-validation is not resumed; start it again with a new --out"),
+                   (self.init_from, "--init-from", "cross-validate the new classes without --init-from"),
+                   (self.models or self.model == "auto", "--models / --model auto",
+                    "choose the backbone first, then cross-validate it")]
+        for value, option, fix in clashes:
+            if value:
+                raise AffinageError(f"--folds cannot be combined with {option}", f"drop one of them: {fix}")
 
     @property
     def keep_mode(self) -> str | None:

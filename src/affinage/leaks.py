@@ -141,6 +141,33 @@ def find_leaks(pixels: Any, content_hashes: Sequence[str], splits: Splits,
     return sorted(leaks.values(), key=lambda leak: (SPLIT_ORDER[leak.split_b], leak.distance, leak.a, leak.b))
 
 
+def duplicate_pairs(pixels: Any, content_hashes: Sequence[str], indices: Sequence[int], codes: np.ndarray,
+                    max_distance: int = NEAR_DUPLICATE_BITS) -> list[tuple[int, int, str]]:
+    """(i, j, kind) for every pair among `indices` that is the same picture, by the rules of `find_leaks` (exact
+    copies, and near copies confirmed on the pixels), but within one set: cross-validation keeps them in one fold."""
+    idx = sorted(int(i) for i in indices)
+    found: dict[tuple[int, int], str] = {}
+    by_content: dict[str, list[int]] = {}
+    for i in idx:
+        by_content.setdefault(content_hashes[i], []).append(i)
+    for group in by_content.values():
+        found.update({(i, j): "exact" for x, i in enumerate(group) for j in group[x + 1:]})
+    if max_distance < 0 or len(idx) < 2:
+        return [(i, j, kind) for (i, j), kind in sorted(found.items())]
+    candidates = []
+    everyone = np.asarray(idx)
+    for start in range(0, len(idx), 2048):  # bounded memory on large datasets
+        chunk = idx[start:start + 2048]
+        dist = hamming(codes[chunk], codes[everyone])
+        candidates += [(chunk[r], idx[c]) for r, c in zip(*np.nonzero(dist <= max_distance))
+                       if chunk[r] < idx[c] and (chunk[r], idx[c]) not in found]
+    if candidates:
+        first, second = (np.array(column) for column in zip(*candidates))
+        same, _, _ = compare_pictures(pixels, first, second)
+        found.update({(int(first[k]), int(second[k])): "near" for k in np.flatnonzero(same)})
+    return [(i, j, kind) for (i, j), kind in sorted(found.items())]
+
+
 def _hash_candidates(codes: np.ndarray, splits: Splits, max_distance: int) -> list[tuple[int, int, int]]:
     """(earlier-split image, later-split image, hash distance) for every cross-split pair within `max_distance`."""
     named = dict(splits.items())

@@ -158,6 +158,9 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "auto
     from .footprint import FootprintTracker
 
     cfg = TrainConfig(data=str(data), model=model, strategy=strategy, **options)
+    if cfg.folds is not None:  # K runs, not one: affinage.crossval (`affinage train --folds K` goes there)
+        raise AffinageError(f"finetune trains one run; folds={cfg.folds} asks for {cfg.folds} of them",
+                            "call affinage.crossval.cross_validate(...) with the same arguments")
     main = dist.is_main()
     log = log if main else _silent
     dist.warn_single_cpu_launch(log)  # `accelerate launch --cpu --num_processes 2` starts one process: say so now
@@ -201,7 +204,7 @@ def load_data(cfg: TrainConfig) -> LabelledImages:
     if cfg.init_from is None or cfg.init_from == PRETRAINED:  # (a run's old classes may be named too: checked later)
         parse_targets(cfg.targets, images.classes, _task_classes(images))  # a class named in --target must exist
     if cfg.min_per_class is None:  # classes too small to split even if every file decodes: refused before any run dir
-        refuse_small_classes(images.samples, any(s.split is not None for s in images.samples), usable=False)
+        refuse_small_classes(images.samples, _given_splits(cfg, images.samples), usable=False)
     return images
 
 
@@ -294,7 +297,7 @@ def prepare_data(cfg: TrainConfig, images: LabelledImages, pp: Preprocessing, ru
     t0 = time.perf_counter()
     with dist.main_first():  # the main process fills the shared image store, the others then read it
         decoded = decode_all(images, pp, progress=progress)
-    decoded, small = drop_small_classes(decoded, cfg.min_per_class, any(s.split is not None for s in decoded.samples))
+    decoded, small = drop_small_classes(decoded, cfg.min_per_class, _given_splits(cfg, decoded.samples))
     if small:
         log(f"left out {len(small)} class(es) with fewer than {cfg.min_per_class} usable images (--min-per-class): "
             + ", ".join(f"'{c}' ({n})" for c, n in small[:10]) + (" …" if len(small) > 10 else ""))
@@ -527,6 +530,11 @@ def write_run(run_dir: Path, cfg: TrainConfig, images: LabelledImages, backbone:
 # ----------------------------------------------------------------------------------------------
 # Pieces of the stages
 # ----------------------------------------------------------------------------------------------
+def _given_splits(cfg: TrainConfig, samples: Sequence[Sample]) -> bool:
+    """Whether the splits come with the data or from --splits-from lists: nothing is carved, so no class is too small."""
+    return cfg.splits_from is not None or any(s.split is not None for s in samples)
+
+
 def _on_main(make: Callable[[], Path]) -> Path:
     """`make()` on the main process; its result, or its AffinageError, on every process."""
     if dist.world_size() == 1:

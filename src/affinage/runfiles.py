@@ -15,6 +15,21 @@
       report.html            written by affinage.report
       checkpoint/            while training only (affinage.train); removed when the run is complete
 
+A cross-validation (`--folds K`, affinage.crossval) writes a directory of runs instead:
+
+    RUN/
+      config.yaml            the TrainConfig, folds included
+      skipped_files.csv      as above
+      folds/folds.csv        path,label,group,sha,fold: the fold whose test split holds each image (0: trains in
+                             every fold, never tested: its class has one image)  (write_fold_assignment)
+      folds/lists/fold-K/splits/{train,val,test,excluded}.csv   fold K's split lists (test = fold K)
+      folds/fold-K/          fold K's child run, a complete run directory made from those lists
+      folds/fold-K-prototype/  few-shot: the prototype classifier's child run of fold K
+      final/                 the final model (on a given test split, or --refit on): a complete run directory
+      oof_predictions.csv    the out-of-fold prediction of every tested image: the test_predictions.csv columns
+                             with `fold` after `label`
+      metrics.json           CV_METRICS_SCHEMA
+
 `format_version` 2 is written by this release; version 1 (no `format_version`: runs of affinage 0.1 before it)
 is still read: its single `head.*` becomes the head of task `label`.
 """
@@ -72,6 +87,22 @@ METRICS_SCHEMA: dict[str, str] = {
     "diagnosis*": "learning-curve findings",
     "footprint*": "energy_kwh, co2_kg, water_l, country, method",
 }
+
+
+# metrics.json of a cross-validation (affinage.crossval)
+CV_METRICS_SCHEMA: dict[str, str] = {
+    "format_version*": "int, 2",
+    "cv*": "k, strategy, source (the figures come from cross-validation), folds (how they were made), per_fold "
+           "(each fold's test figures, timing and run_dir), <metric>_mean and <metric>_std (sample std, ddof=1) of "
+           "every headline metric, oof (classification figures of the pooled out-of-fold predictions, accuracy_ci95 "
+           "and its width), not_evaluated, few_shot (the prototype vs the strategy on the folds, chosen and why), "
+           "final (the final model's run and its test figures, where there is one)",
+    "data*": "source, classes, counts, skipped",
+    "timing*": "wall_seconds, decode_seconds and feature_seconds of the shared decoding and features",
+    "footprint*": "the child runs' energy_kwh, co2_kg and water_l, summed",
+}
+OOF_PREDICTIONS = "oof_predictions.csv"
+FOLD_ASSIGNMENT = Path("folds") / "folds.csv"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,15 +361,18 @@ def read_history(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 # test_predictions.csv
 # ----------------------------------------------------------------------------------------------
 def write_predictions(path: Path, keys: Sequence[str], hashes: Sequence[str], labels: Sequence[str],
-                      probabilities: np.ndarray, classes: Sequence[str]) -> None:
-    """One row per test image: path, content hash, true label, top-1 and its probability, then the full
-    probability vector (one `p:<class>` column per class, in the label space's order)."""
+                      probabilities: np.ndarray, classes: Sequence[str], folds: Sequence[int] | None = None) -> None:
+    """One row per test image: path, content hash, true label, (`folds`: the fold that tested it), top-1 and its
+    probability, then the full probability vector (one `p:<class>` column per class, in the label space's order)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "sha", "label", "predicted", "probability", *(PROBABILITY_PREFIX + c for c in classes)])
-        for key, sha, label, row in zip(keys, hashes, labels, probabilities):
+        w.writerow(["path", "sha", "label", *(["fold"] if folds is not None else []), "predicted", "probability",
+                    *(PROBABILITY_PREFIX + c for c in classes)])
+        fold_of = list(folds) if folds is not None else None
+        for k, (key, sha, label, row) in enumerate(zip(keys, hashes, labels, probabilities)):
             j = int(row.argmax())
-            w.writerow([key, sha, label, classes[j], f"{row[j]:.6f}", *(f"{p:.6g}" for p in row)])
+            w.writerow([key, sha, label, *([fold_of[k]] if fold_of is not None else []), classes[j], f"{row[j]:.6f}",
+                        *(f"{p:.6g}" for p in row)])
 
 
 @dataclass
@@ -352,6 +386,7 @@ class Predictions:
     confidence: np.ndarray
     classes: list[str] | None
     probabilities: np.ndarray | None
+    folds: list[int] | None = None  # oof_predictions.csv: the fold that tested each image
 
 
 def read_predictions(run_dir: str | os.PathLike[str], name: str = "test_predictions.csv") -> Predictions | None:
@@ -370,4 +405,33 @@ def read_predictions(run_dir: str | os.PathLike[str], name: str = "test_predicti
                        [r[col["sha"]] for r in rows] if "sha" in col else [None] * len(rows),
                        [r[col["label"]] for r in rows], [r[col["predicted"]] for r in rows],
                        np.array([float(r[col["probability"]]) for r in rows]), classes,
-                       np.array([[float(r[i]) for i in prob_cols] for r in rows]) if prob_cols else None)
+                       np.array([[float(r[i]) for i in prob_cols] for r in rows]) if prob_cols else None,
+                       [int(r[col["fold"]]) for r in rows] if "fold" in col else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-validation: folds/folds.csv
+# ----------------------------------------------------------------------------------------------
+FOLD_COLUMNS = ["path", "label", "group", "sha", "fold"]
+
+
+def write_fold_assignment(run_dir: Path, keys: Sequence[str], labels: Sequence[str], groups: Sequence[str | None],
+                          hashes: Sequence[str], folds: Sequence[int]) -> None:
+    """folds/folds.csv: every cross-validated image and the fold whose test split holds it (0: in none)."""
+    path = run_dir / FOLD_ASSIGNMENT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
+        w = csv.writer(fh)
+        w.writerow(FOLD_COLUMNS)
+        w.writerows([key, label, group or "", sha, fold] for key, label, group, sha, fold
+                    in zip(keys, labels, groups, hashes, folds))
+
+
+def read_fold_assignment(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """folds/folds.csv as rows {path, label, group, sha, fold (int)}."""
+    path = Path(run_dir) / FOLD_ASSIGNMENT
+    if not path.is_file():
+        raise AffinageError(f"'{run_dir}' has no {FOLD_ASSIGNMENT}: not a cross-validation run",
+                            "pass the --out directory of `affinage train --folds K`")
+    with open(path, newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
+        return [{**row, "fold": int(row["fold"])} for row in csv.DictReader(fh)]

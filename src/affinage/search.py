@@ -76,7 +76,8 @@ def run_search(cfg: TrainConfig, plan: Any, backbone: Any, data: Any, features: 
                     reserve=fwd * 2 * max(len(val), len(data.decoded.samples) - len(train) - len(val)) + 10,
                     source=f"--budget {cfg.budget}" if cfg.budget else "the default budget")
     old = data.old  # keep.OldTask of an --init-from run: the sklearn probe cannot keep old rows
-    probe = _probe(cfg, data, features, log) if features.values is not None and old is None else None
+    wants_probe = features.values is not None and old is None and tuple(plan.candidates) != ("prototype",)
+    probe = _probe(cfg, data, features, log) if wants_probe else None  # (the prototypes alone need no probe)
     if auto and not cfg.budget and not cfg.budget_factor:
         budget.seconds = default_budget(plan.device, spent + (probe.seconds if probe is not None else 0.0))
         budget.source = f"the default budget, {budget.seconds / 60:.0f} min"
@@ -113,6 +114,8 @@ def run_search(cfg: TrainConfig, plan: Any, backbone: Any, data: Any, features: 
         if name == "linear-probe" and probe is not None:
             cand = Candidate(name, strategy, hp, backbone.net, probe.head, probe.val_logits, probe.seconds,
                              _probe_rows(probe, len(train)), probe=_probe_result(probe, len(train)))
+        elif name == "prototype":
+            cand = _prototype_candidate(strategy, hp, backbone, data, features)
         elif strategy.uses_cached_features:
             cand = _head_candidate(cfg, strategy, hp, backbone, data, features, run_dir, log)
         else:
@@ -232,6 +235,28 @@ def _head_candidate(cfg: TrainConfig, strategy: Any, hp: dict[str, Any], backbon
     return Candidate(strategy.name, strategy, hp, backbone.net, head, logits, 0.0, result.as_rows(), probe=result)
 
 
+def _prototype_candidate(strategy: Any, hp: dict[str, Any], backbone: Any, data: Any, features: Any) -> Candidate:
+    """The nearest-class-mean classifier on the frozen features (fewshot.py), its temperature chosen on val."""
+    from .errors import AffinageError
+    from .fewshot import fit_prototype
+    from .train import EpochRecord, FitResult
+
+    if data.old is not None:
+        raise AffinageError("the prototype classifier cannot keep an old task's classes (--init-from)",
+                            "use --strategy linear-probe or head with --init-from")
+    train, val = data.splits.train, data.splits.val
+    feats = features.values.float().numpy()
+    fit = fit_prototype(feats[train], data.y[train], feats[val], data.y[val], len(data.labels))
+    yv = data.y[val]
+    acc = float((fit.val_logits.argmax(1) == yv).mean()) if len(yv) else 0.0
+    loss = -float(Scored.from_logits("", fit.val_logits).log_probs[np.arange(len(yv)), yv].mean()) if len(yv) else 0.0
+    params = sum(p.numel() for p in fit.head.parameters())
+    result = FitResult([EpochRecord("prototype", 0, None, None, loss, acc, 0.0, params, fit.seconds)], 0, acc,
+                       train_seconds=fit.seconds, samples_seen=len(train))
+    return Candidate(strategy.name, strategy, {**hp, "temperature": round(fit.temperature, 4)}, backbone.net, fit.head,
+                     fit.val_logits, fit.seconds, result.as_rows(), probe=result)
+
+
 def _fine_tune_candidate(cfg: TrainConfig, plan: Any, strategy: Any, hp: dict[str, Any], backbone: Any, data: Any,
                          init: Any, run_dir: Path, progress: bool, log: Callable[[str], None], stop: Any,
                          several: bool) -> Candidate:
@@ -342,9 +367,19 @@ def _last_points(cfg: TrainConfig, plan: Any, winner: Candidate, backbone: Any, 
     extras["val"] = {"accuracy": float((rows.argmax(1) == yv).mean()) if len(yv) else None,
                      "loss_calibrated": float(nll.mean()) if len(yv) else None, "n": len(yv)}
     extras["val_logits"] = logits
-    refit = cfg.refit == "on" or (cfg.refit == "auto" and winner.name == "linear-probe" and probe is not None)
+    cheap = (winner.name == "linear-probe" and probe is not None) or winner.name == "prototype"
+    refit = cfg.refit == "on" or (cfg.refit == "auto" and cheap)
     extras["refit"] = False
-    if refit and winner.name == "linear-probe" and probe is not None:
+    if refit and winner.name == "prototype":
+        from .fewshot import prototype_head
+
+        feats = features.values.float().numpy()
+        both = list(data.splits.train) + list(data.splits.val)
+        extras["head"] = prototype_head(feats[both], data.y[both], len(data.labels), winner.hp["temperature"])
+        extras["refit"] = True
+        log(f"refit: the prototypes computed again on train + val ({len(both)} images; temperature "
+            f"{winner.hp['temperature']:g}, chosen on val)")
+    elif refit and winner.name == "linear-probe" and probe is not None:
         from .probe import refit_probe
 
         feats = features.values.float().numpy()
@@ -363,6 +398,8 @@ def _last_points(cfg: TrainConfig, plan: Any, winner: Candidate, backbone: Any, 
         extras.update(_refit_fine_tune(cfg, plan, winner, backbone, data, init, run_dir, progress, log))
     extras["refit_reason"] = ("--refit off" if cfg.refit == "off" else
                               "on by default for the probe (cheap; C chosen on val)" if winner.name == "linear-probe"
+                              else "on by default for the prototypes (cheap; temperature chosen on val)"
+                              if winner.name == "prototype"
                               else "--refit on" if cfg.refit == "on" else
                               "off by default for strategies that train the backbone (a second training); --refit on")
     return extras

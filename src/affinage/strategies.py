@@ -100,6 +100,19 @@ class Head(Strategy):
     defaults = Defaults(epochs=100, lr=1e-3, weight_decay=1e-2, batch_size=128, patience=20)
 
 
+class Prototype(Strategy):
+    """Frozen backbone; nearest-class-mean on centred, L2-normalised cached features (cosine), as a linear head
+    (fewshot.py): nothing to tune but a temperature, so it works from one image per class."""
+
+    name = "prototype"
+    uses_cached_features = True
+    defaults = Defaults(epochs=1, lr=1.0, weight_decay=0.0, batch_size=128, patience=1)  # unused: no optimiser
+
+    def resolve(self, cfg: TrainConfig, n_train: int | None = None) -> dict[str, Any]:
+        return {"classifier": "cosine nearest class mean (centred, L2-normalised features)",
+                "temperature": "chosen on val"}
+
+
 class Partial(Strategy):
     """The last N blocks and the head train; everything below stays frozen."""
 
@@ -208,7 +221,7 @@ def get_strategy(name: str) -> Strategy:
     if name.startswith("partial:"):
         return Partial(int(name.split(":")[1]))
     return {"linear-probe": LinearProbe, "head": Head, "full": Full, "progressive": Progressive, "lora": Lora,
-            "scratch": Scratch}[name]()
+            "scratch": Scratch, "prototype": Prototype}[name]()
 
 
 # ----------------------------------------------------------------------------------------------
