@@ -447,6 +447,7 @@ def write_run(run_dir: Path, cfg: TrainConfig, images: LabelledImages, backbone:
     """model/, test_predictions.csv, metrics.json, history, report.html (main process only); the finished Run."""
     from .diagnosis import format_findings
     from .evaluate import softmax
+    from .intervals import headline, warnings
     from .targets import format_result
 
     if dist.is_main():
@@ -464,11 +465,9 @@ def write_run(run_dir: Path, cfg: TrainConfig, images: LabelledImages, backbone:
         write_history(run_dir, trained.history)
         write_metrics(run_dir, metrics)
         remove_checkpoints(run_dir)
-        test_block = metrics["test"]
-        log(f"test accuracy {test_block['accuracy']:.4f} (macro F1 {test_block['macro_f1']:.4f}, n={test_block['n']}) "
-            f"in {metrics['timing']['wall_seconds']:.1f}s -> {run_dir}")
+        log(f"{headline(metrics['test'])} in {metrics['timing']['wall_seconds']:.1f}s -> {run_dir}")
         for line in (_keep_lines(metrics) + _trust_lines(metrics) + [format_result(r) for r in metrics["targets"]]
-                     + format_findings(metrics["diagnosis"])):
+                     + warnings(metrics) + format_findings(metrics["diagnosis"])):
             log(line)
         _write_report(run_dir, log)
     dist.barrier()  # the other processes return once the run directory is complete
@@ -520,10 +519,14 @@ def _metrics(cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data:
     """metrics.json's content (runfiles.METRICS_SCHEMA), the footprint added by the caller."""
     from .diagnosis import diagnose
     from .evaluate import calibration, group_metrics
+    from .intervals import interval_blocks
     from .targets import check_targets
 
     samples, splits, test_y = data.decoded.samples, data.splits, data.y[data.splits.test]
     classes = list(data.labels.classes)
+    groups = ([samples[i].group or "(none)" for i in splits.test] if any(s.group is not None for s in samples)
+              else None)
+    ci = interval_blocks(evaluation.logits, test_y, classes, data.targets, groups, cfg.seed)  # 95% bootstrap
     trainable = sum(p.numel() for p in trained.head.parameters())
     if trained.fine_tune is not None:
         trainable = max(r["trainable_params"] for r in trained.fine_tune.as_rows())
@@ -533,7 +536,7 @@ def _metrics(cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data:
         "strategy": plan.strategy.name, "strategy_reason": plan.reason,
         **({"strategy_evidence": plan.evidence} if plan.evidence is not None else {}),
         "task": data.labels.task,
-        "test": evaluation.test,
+        "test": ci.on_test(evaluation.test),
         "val": {**trained.extras.get("val", {}),
                 "kept_phase": last.history[0].phase if last is not None else None,
                 "kept_epoch": last.best_epoch if last is not None else None},
@@ -560,12 +563,11 @@ def _metrics(cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data:
         "distributed": {"world_size": dist.world_size()},
         "calibration": calibration(evaluation.logits, test_y),
     }
-    if any(s.group is not None for s in samples):
-        metrics["groups"] = group_metrics(evaluation.logits, test_y, [samples[i].group or "(none)" for i in splits.test],
-                                          classes)
+    if groups is not None:
+        metrics["groups"] = ci.on_groups(group_metrics(evaluation.logits, test_y, groups, classes))
     metrics.update(evaluation.tasks)  # --init-from: old_task (forgetting), new_task
     metrics["leaks"] = data.leaks
-    metrics["targets"] = check_targets(data.targets, evaluation.test)
+    metrics["targets"] = check_targets(data.targets, metrics["test"])
     metrics["diagnosis"] = diagnose(trained.history, evaluation.test, classes,
                                     leaks=0 if data.leaks["dropped"] else data.leaks["pairs"],
                                     old_task=evaluation.tasks.get("old_task"))
@@ -634,13 +636,16 @@ def _keep_lines(metrics: dict[str, Any]) -> list[str]:
 
 
 def _trust_lines(metrics: dict[str, Any]) -> list[str]:
+    from .intervals import fmt
+
     lines = []
     groups = metrics.get("groups")
     if groups:
         worst, best = groups["worst_group"], groups["best_group"]
         lines.append(f"groups: worst '{worst}' accuracy {groups['by_group'][worst]['accuracy']:.3f}, best '{best}' "
                      f"{groups['by_group'][best]['accuracy']:.3f} (gap {groups['accuracy_gap']:.3f}"
-                     f"{' > ' + format(groups['threshold'], '.2f') + ': FLAGGED' if groups['flagged'] else ''})")
+                     + (f", 95% CI {fmt(groups['accuracy_gap_ci95'])}" if "accuracy_gap_ci95" in groups else "")
+                     + f"{' > ' + format(groups['threshold'], '.2f') + ': FLAGGED' if groups['flagged'] else ''})")
     fp = metrics["footprint"]
     lines.append(f"footprint: {fp['energy_kwh'] * 1000:.3g} Wh, {fp['co2_kg'] * 1000:.3g} g CO2e ({fp['country']}), "
                  f"{fp['water_l']:.3g} L water — {fp['method']}")
