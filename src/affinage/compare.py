@@ -386,7 +386,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     formats = {"new_accuracy": ".4f", "old_accuracy": ".4f", "forgetting": "+.4f", "val_accuracy": ".4f", "val_loss": ".4f", "test_accuracy": ".4f", "macro_f1": ".4f", "wall_seconds": ".1f", "samples_per_second": ".1f",
                "peak_memory_mb": ".0f", "energy_kwh": ".3e", "co2_kg": ".3e", "trainable_params": ",d"}
     for r in rows:
-        lines.append("| " + " | ".join(_ci(r[c]) if c == "test_accuracy_ci95" else _fmt(r[c], formats.get(c, ""))
+        lines.append("| " + " | ".join(_ci(r.get(c)) if c == "test_accuracy_ci95" else _fmt(r[c], formats.get(c, ""))
                                        for c in cols) + " |")
     return "\n".join(lines) + "\n"
 

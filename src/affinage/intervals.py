@@ -10,7 +10,9 @@ the same intervals whichever targets are named. A group's accuracy is resampled 
 overlapping intervals suggest.
 
 The bootstrap says how much the figure would move on another test split of the same size drawn from the same
-images; it cannot see a test split that is unrepresentative of the images the model will meet.
+images; it cannot see a test split that is unrepresentative of the images the model will meet. Macro figures over
+many classes of a few test images each lean low under resampling (a resample often leaves a class's images out or
+repeats its errors), so their interval can sit mostly below the figure itself: read it as the figure's spread.
 """
 from __future__ import annotations
 
