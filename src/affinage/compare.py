@@ -267,10 +267,13 @@ def gap_lines(gaps: Sequence[dict[str, Any]], n: int, why: str) -> list[str]:
 
 def _markdown_lines(lines: Sequence[str]) -> str:
     """Console lines as Markdown: indented ones as list items, the others as paragraphs."""
-    out = ""
+    blocks: list[str] = []
     for line in lines:
-        out += f"- {line.strip()}\n" if line.startswith(" ") else f"\n{line}\n\n"
-    return out
+        if line.startswith(" ") and blocks and blocks[-1].startswith("- "):
+            blocks[-1] += f"\n- {line.strip()}"
+        else:
+            blocks.append(f"- {line.strip()}" if line.startswith(" ") else line)
+    return "".join(f"{b}\n\n" for b in blocks)
 
 
 def gap_table(gaps: Sequence[dict[str, Any]]) -> str:
