@@ -41,7 +41,8 @@ def multi_run(tmp_path_factory: pytest.TempPathFactory, tiny_images: Path, tiny_
     root = tmp_path_factory.mktemp("multi")
     out = root / "run"
     finetune(data=str(_multi_csv(root, tiny_images)), model=str(tiny_timm), strategy="partial:1", out=out,
-             progress=False, log=lambda _: None, tasks=TASKS, epochs=2, targets=["tone:accuracy>=0.0"])
+             progress=False, log=lambda _: None, tasks=TASKS, epochs=2,
+             targets=["tone:accuracy>=0.0", "tone:recall[R]>=0.0", "warmth:accuracy>=0.99"])
     return out
 
 
@@ -136,6 +137,9 @@ def test_multitask_run_reports_every_task_and_masks_unknown_labels(multi_run: Pa
     assert sorted(tone["classes"]) == ["B", "G", "R"] and "" not in tone["classes"]
     assert metrics["tasks"]["shape"]["accuracy"] > 0.6  # 3 classes: chance is 1/3
     assert metrics["targets"][0]["expr"] == "tone:accuracy>=0.0" and metrics["targets"][0]["value"] == tone["accuracy"]
+    assert metrics["targets"][1]["ci95"] == tone["ci95"]["recall[R]"]  # each task's figures carry their intervals
+    warmth = metrics["tasks"]["warmth"]
+    assert metrics["targets"][2]["value"] == warmth["accuracy"] and metrics["targets"][2]["ci95"] == warmth["ci95"]["accuracy"]
     assert (multi_run / "test_predictions-tone.csv").is_file()
     for task in TASKS:  # per-group figures per task, over that task's known labels
         by_group = metrics["tasks"][task]["groups"]["by_group"]

@@ -390,10 +390,13 @@ def test_run_saves_targets_groups_leaks_diagnosis_and_footprint(trust_run):
     run, leaked, copy = trust_run
     m = json.loads((run.path / "metrics.json").read_text())
     acc = m["test"]["accuracy"]
-    assert m["targets"] == [{"expr": "accuracy>=0.5", "value": acc, "passed": acc >= 0.5},
+    ci = m["test"]["ci95"]
+    assert m["targets"] == [{"expr": "accuracy>=0.5", "value": acc, "passed": acc >= 0.5, "ci95": ci["accuracy"],
+                             "established": ci["accuracy"][0] >= 0.5},
                             {"expr": "recall[blue_bar]>1", "value": m["test"]["per_class"]["blue_bar"]["recall"],
-                             "passed": False}]
+                             "passed": False, "ci95": ci["recall[blue_bar]"], "established": False}]
     assert set(m["groups"]["by_group"]) == {"studio", "field"}
+    assert all(g["ci95"][0] <= g["accuracy"] <= g["ci95"][1] for g in m["groups"]["by_group"].values())
     assert sum(g["n"] for g in m["groups"]["by_group"].values()) == m["test"]["n"]
     assert m["leaks"]["pairs"] == 1 and m["leaks"]["dropped"] == 0
     with open(run.path / "leaks.csv", newline="") as fh:

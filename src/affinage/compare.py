@@ -11,6 +11,11 @@ The choice is made on val, never on test (issue #11): "best" is the row `affinag
 runs' val_predictions.csv (the rule `train --strategy auto` applies), marked `auto_pick`; "cheapest adequate" is
 the cheapest row within 0.01 of that row's val accuracy. Test accuracy is shown beside them and never used to
 choose. `--target` expressions are checked on test by each run (metrics.json "targets"), and the summary says so.
+
+Test accuracies come with their 95% interval (each run's metrics.json, else a bootstrap of its test_predictions.csv),
+and every pair of rows with the paired bootstrap interval of its difference on the same test images
+(affinage.intervals; compare_gaps.csv): a gap whose interval includes 0 is one the test split cannot resolve, and
+the console says so, with about how many test images would.
 """
 from __future__ import annotations
 
@@ -32,12 +37,16 @@ from .runfiles import read_metrics
 from .storage import atomic_path, write_text
 
 DEFAULT_STRATEGIES = COMPARE_STRATEGIES
-COLUMNS = ("strategy", "auto_pick", "val_accuracy", "val_loss", "test_accuracy", "macro_f1", "trainable_params",
+COLUMNS = ("strategy", "auto_pick", "val_accuracy", "val_loss", "test_accuracy", "test_accuracy_ci95", "macro_f1",
+           "trainable_params",
            "wall_seconds", "samples_per_second", "peak_memory_mb", "energy_kwh", "co2_kg", "targets_met",
            "features_cached", "measured_as", "run_dir")
 COLD = "cold run (own empty cache: decoding and feature extraction included)"
 ON_VAL = "best and auto_pick chosen on val; test shown, never used to choose"
 VAL_PREDICTIONS = "val_predictions.csv"
+TEST_PREDICTIONS = "test_predictions.csv"
+GAP_COLUMNS = ("a", "b", "a_test_accuracy", "b_test_accuracy", "difference", "ci95_low", "ci95_high", "resolved",
+               "test_images_needed")
 
 
 @dataclass
@@ -51,6 +60,7 @@ class Comparison:
     auto_pick: str = ""  # the strategy `train --strategy auto`'s rule keeps among these rows (= best)
     auto_reason: str = ""  # why, in words
     multitask: list[dict[str, Any]] | None = None  # --multitask-baseline: multitask_table's rows
+    gaps: list[dict[str, Any]] | None = None  # every pair of rows: test accuracy difference, paired 95% CI, resolved
 
 
 def _say(msg: str) -> None:
@@ -132,10 +142,11 @@ def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[s
         if mode is not None:
             rows[-1]["strategy"] = name
         spread = f" ± {r['test_accuracy_std']:.4f} over {folds} folds" if r.get("test_accuracy_std") is not None else ""
-        log(f"    val accuracy {_fmt(r['val_accuracy'], '.4f')}, test accuracy {r['test_accuracy']:.4f}{spread}, "
+        log(f"    val accuracy {_fmt(r['val_accuracy'], '.4f')}, test accuracy {r['test_accuracy']:.4f}{spread} "
+            f"(95% CI {_ci(r['test_accuracy_ci95'])}), "
             f"{r['wall_seconds']:.0f}s, "
             f"{_fmt(r['energy_kwh'], '.2e')} kWh, peak {_fmt(r['peak_memory_mb'], '.0f')} MB")
-    result = finish(root, rows, targets, log)
+    result = finish(root, rows, targets, log, seed)
     if multitask_baseline:
         result.multitask = multitask_table(root, rows, alone, list(tasks), log)
     return result
@@ -207,6 +218,7 @@ def row_from_run(strategy: str, run_dir: Path, process_seconds: float) -> dict[s
         "val_accuracy": val.get("accuracy"),
         "val_loss": val.get("loss", val.get("loss_calibrated")),  # train writes the temperature-scaled one
         "test_accuracy": m["test"]["accuracy"],
+        "test_accuracy_ci95": (m["test"].get("ci95") or {}).get("accuracy"),  # None: finish() bootstraps the CSV
         "macro_f1": m["test"]["macro_f1"],
         "trainable_params": m["model"]["trainable_params"],
         "wall_seconds": round(process_seconds, 2),  # the whole `affinage train` process, start-up included
@@ -241,9 +253,11 @@ def _row_from_cv(strategy: str, run_dir: Path, process_seconds: float, m: dict[s
 
 
 def finish(root: Path, rows: list[dict[str, Any]], targets: Sequence[str],
-           log: Callable[[str], None] = _say) -> Comparison:
-    """Pick the best (on val: auto's pick) and the cheapest adequate strategy; write the CSV, Markdown and PNG."""
+           log: Callable[[str], None] = _say, seed: int = 0) -> Comparison:
+    """Pick the best (on val: auto's pick) and the cheapest adequate strategy; say which test gaps the test split
+    cannot resolve; write the CSV, Markdown and PNG."""
     k, reason, seen = choose_on_val(rows)
+    gaps, n_test, why = pairwise_gaps(rows, seed)
     for i, r in enumerate(rows):
         r["auto_pick"] = i == k
         if seen is not None and not _finite(r.get("val_accuracy")):
@@ -271,16 +285,99 @@ def finish(root: Path, rows: list[dict[str, Any]], targets: Sequence[str],
     else:
         summary = (f"{pick}; no strategy {rule}; best on val: {best['strategy']} (val accuracy "
                    f"{_fmt(best_val, '.4f')}, test accuracy {best['test_accuracy']:.4f})")
+    resolution = gap_lines(gaps, n_test, why)
     _write_csv(root / "compare.csv", rows)
+    if gaps:
+        _write_csv(root / "compare_gaps.csv", gaps, GAP_COLUMNS)
     write_text(root / "compare.md", markdown_table(rows) + f"\nEvery row is a {COLD}, so wall times and energies "
-               f"compare. {ON_VAL[0].upper() + ON_VAL[1:]}.\n\n{summary}\n")
+               f"compare. {ON_VAL[0].upper() + ON_VAL[1:]}.\n\n{summary}\n\n"
+               + _markdown_lines(resolution) + (f"\n{gap_table(gaps)}" if gaps else ""))
     plot(rows, root / "compare.png")
     log(markdown_table(rows))
     log(f"{ON_VAL}.")
     log(summary)
-    log(f"written: {root / 'compare.csv'}, compare.md, compare.png")
+    for line in resolution:
+        log(line)
+    log(f"written: {root / 'compare.csv'}, compare.md, {'compare_gaps.csv, ' if gaps else ''}compare.png")
     return Comparison(root, rows, best["strategy"], cheapest["strategy"] if cheapest else None, measure, summary,
-                      auto_pick=best["strategy"], auto_reason=reason)
+                      auto_pick=best["strategy"], auto_reason=reason, gaps=gaps)
+
+
+def pairwise_gaps(rows: list[dict[str, Any]], seed: int) -> tuple[list[dict[str, Any]], int, str]:
+    """Every pair of rows (the more accurate on test first): the test accuracy difference and its paired 95%
+    bootstrap interval over the same test images, whether it resolves the gap and, where not, about how many test
+    images would; the number of test images; and why not, where the runs' test predictions cannot be paired. Rows
+    without an interval get one from their test predictions (same seed, same resamples)."""
+    from itertools import combinations
+
+    from .intervals import accuracy_interval, images_needed, paired_difference, resolves
+
+    test, why = _aligned(rows, TEST_PREDICTIONS)
+    if test is None:
+        return [], 0, why
+    y, probs = test
+    correct = [(p.argmax(1) == y).astype(float) for p in probs]
+    for r, c in zip(rows, correct):
+        if r.get("test_accuracy_ci95") is None:
+            r["test_accuracy_ci95"] = accuracy_interval(c, seed)
+    gaps = []
+    for i, j in combinations(range(len(rows)), 2):
+        a, b = (i, j) if correct[i].mean() >= correct[j].mean() else (j, i)
+        d, ci = paired_difference(correct[a], correct[b], seed)
+        resolved = resolves(d, ci)
+        gaps.append({"a": rows[a]["strategy"], "b": rows[b]["strategy"], "a_test_accuracy": float(correct[a].mean()),
+                     "b_test_accuracy": float(correct[b].mean()), "difference": d, "ci95_low": ci[0],
+                     "ci95_high": ci[1], "resolved": resolved,
+                     "test_images_needed": None if resolved else images_needed(len(y), d, ci[0], 0.0)})
+    return gaps, len(y), ""
+
+
+def gap_lines(gaps: Sequence[dict[str, Any]], n: int, why: str) -> list[str]:
+    """What the test split can and cannot tell apart, in words: a warning line per gap it cannot resolve."""
+    from .intervals import fmt
+
+    if not gaps:
+        return [f"test accuracy gaps between strategies not assessed: {why}"] if why else []
+
+    def gap(g: dict[str, Any]) -> str:
+        return f"{g['a']} vs {g['b']}: {g['difference']:+.4f} (95% CI {fmt([g['ci95_low'], g['ci95_high']], sign=True)})"
+
+    open_ = [g for g in gaps if not g["resolved"]]
+    lines = [f"test accuracy gaps: seeded paired bootstrap over the same {n} test images (B=1000); a gap whose 95% "
+             f"interval includes 0 is one the test split cannot resolve: {len(open_)} of {len(gaps)} pairs"]
+    if open_:
+        lines.append(f"warning: the test split ({n} images) is too small to resolve {len(open_)} gap(s):")
+        for g in open_:
+            need = g["test_images_needed"]
+            lines.append(f"  {gap(g)}; " + (f"about {need:,} test images would resolve a gap this size" if need else
+                                             "the same share of the test images right: no gap to resolve"))
+    done = [g for g in gaps if g["resolved"]]
+    if done:
+        lines.append("resolved by the test split: " + "; ".join(gap(g) for g in done))
+    return lines
+
+
+def _markdown_lines(lines: Sequence[str]) -> str:
+    """Console lines as Markdown: indented ones as list items, the others as paragraphs."""
+    blocks: list[str] = []
+    for line in lines:
+        if line.startswith(" ") and blocks and blocks[-1].startswith("- "):
+            blocks[-1] += f"\n- {line.strip()}"
+        else:
+            blocks.append(f"- {line.strip()}" if line.startswith(" ") else line)
+    return "".join(f"{b}\n\n" for b in blocks)
+
+
+def gap_table(gaps: Sequence[dict[str, Any]]) -> str:
+    """compare_gaps.csv as a Markdown table."""
+    from .intervals import fmt
+
+    lines = ["| a | b | test accuracy a − b | 95% CI (paired) | resolved | test images needed |", "|---|---|---|---|---|---|"]
+    for g in gaps:
+        lines.append(f"| {g['a']} | {g['b']} | {g['difference']:+.4f} | "
+                     f"{fmt([g['ci95_low'], g['ci95_high']], sign=True)} | {'yes' if g['resolved'] else 'no'} | "
+                     f"{_fmt(g['test_images_needed'], ',d')} |")
+    return "\n".join(lines) + "\n"
 
 
 def _slug(name: str) -> str:
@@ -294,7 +391,7 @@ def choose_on_val(rows: Sequence[dict[str, Any]]) -> tuple[int, str, list[float]
     run). Test figures never enter."""
     from .selection import Scored, choose
 
-    val, why = _aligned_val(rows)
+    val, why = _aligned(rows, VAL_PREDICTIONS)
     if val is not None:
         y, probs = val
         c = choose([Scored.from_probs(r["strategy"], p, float(r["trainable_params"] or 0)) for r, p in zip(rows, probs)],
@@ -313,45 +410,49 @@ def choose_on_val(rows: Sequence[dict[str, Any]]) -> tuple[int, str, list[float]
                f"accuracy cannot separate) could not be applied"), None
 
 
-def read_val_predictions(run_dir: str | os.PathLike[str]) -> tuple[list[str], list[str], list[str], Any] | None:
-    """val_predictions.csv of a run (runfiles owns the format): paths, labels, classes (the p:<class> columns'
-    order) and the (n, classes) probabilities; None where the file or its probability columns are missing."""
+def read_val_predictions(run_dir: str | os.PathLike[str],
+                         name: str = VAL_PREDICTIONS) -> tuple[list[str], list[str], list[str], Any] | None:
+    """val_predictions.csv (or test_predictions.csv: `name`) of a run (runfiles owns the format): paths, labels,
+    classes (the p:<class> columns' order) and the (n, classes) probabilities; None where the file or its
+    probability columns are missing. A cross-validated run's val predictions are its out-of-fold ones."""
     from .runfiles import OOF_PREDICTIONS, read_predictions
 
-    val = read_predictions(run_dir, VAL_PREDICTIONS) or read_predictions(run_dir, OOF_PREDICTIONS)  # CV: out-of-fold
+    val = read_predictions(run_dir, name) or (read_predictions(run_dir, OOF_PREDICTIONS) if name == VAL_PREDICTIONS
+                                              else None)
     if val is None or val.probabilities is None or val.classes is None:
         return None
     return val.paths, val.labels, val.classes, val.probabilities.reshape(len(val.paths), len(val.classes))
 
 
-def _aligned_val(rows: Sequence[dict[str, Any]]) -> tuple[tuple[Any, list[Any]] | None, str]:
-    """(labels as indices, one probability matrix per row), all on the same images in the same order and the same
-    class order; or None and why not."""
+def _aligned(rows: Sequence[dict[str, Any]], name: str) -> tuple[tuple[Any, list[Any]] | None, str]:
+    """(labels as indices, one probability matrix per row) of each run's `name` (val_predictions.csv or
+    test_predictions.csv), all on the same images in the same order and the same class order; or None and why not."""
     import numpy as np
 
+    split = name.split("_")[0]
     read = []
     for r in rows:
-        v = read_val_predictions(r.get("run_dir") or "")
+        v = read_val_predictions(r.get("run_dir") or "", name)
         if v is None:
-            return None, f"run {r['strategy']} has no {VAL_PREDICTIONS}"
+            return None, f"run {r['strategy']} has no {name} with probabilities"
         read.append(v)
     paths, labels, classes, _ = read[0]
     index = {p: j for j, p in enumerate(paths)}
     if len(index) != len(paths) or not paths:
-        return None, f"{VAL_PREDICTIONS} of {rows[0]['strategy']} is empty or lists an image twice"
+        return None, f"{name} of {rows[0]['strategy']} is empty or lists an image twice"
     lookup = {c: j for j, c in enumerate(classes)}
     if any(label not in lookup for label in labels):
-        return None, f"{VAL_PREDICTIONS} of {rows[0]['strategy']} has a label without a probability column"
+        return None, f"{name} of {rows[0]['strategy']} has a label without a probability column"
     y = np.array([lookup[label] for label in labels], dtype=np.int64)
     aligned = []
     for r, (p_paths, p_labels, p_classes, probs) in zip(rows, read):
         if sorted(p_paths) != sorted(paths) or sorted(p_classes) != sorted(classes):
-            return None, f"runs {rows[0]['strategy']} and {r['strategy']} were not scored on the same val images/classes"
+            return None, f"runs {rows[0]['strategy']} and {r['strategy']} were not scored on the same {split} images/classes"
         where = {p: j for j, p in enumerate(p_paths)}
         order = np.array([where[p] for p in paths], dtype=np.int64)
         cols = np.array([p_classes.index(c) for c in classes], dtype=np.int64)
         if [p_labels[j] for j in order] != labels:
-            return None, f"runs {rows[0]['strategy']} and {r['strategy']} disagree on val labels"
+            return None, f"runs {rows[0]['strategy']} and {r['strategy']} disagree on {split} labels"
         aligned.append(probs[order][:, cols])
     return (y, aligned), ""
 
@@ -385,7 +486,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     formats = {"new_accuracy": ".4f", "old_accuracy": ".4f", "forgetting": "+.4f", "val_accuracy": ".4f", "val_loss": ".4f", "test_accuracy": ".4f", "test_accuracy_std": ".4f", "macro_f1": ".4f", "wall_seconds": ".1f", "samples_per_second": ".1f",
                "peak_memory_mb": ".0f", "energy_kwh": ".3e", "co2_kg": ".3e", "trainable_params": ",d"}
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r[c], formats.get(c, "")) for c in cols) + " |")
+        lines.append("| " + " | ".join(_ci(r.get(c)) if c == "test_accuracy_ci95" else _fmt(r[c], formats.get(c, ""))
+                                       for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -401,10 +503,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for r, e in zip(rows, energies):
         ax.scatter(r["wall_seconds"], r["test_accuracy"], s=40 + 900 * e / top, alpha=0.6)
+        ci = r.get("test_accuracy_ci95")
+        if ci:
+            ax.errorbar(r["wall_seconds"], r["test_accuracy"], yerr=[[r["test_accuracy"] - ci[0]],
+                                                                     [ci[1] - r["test_accuracy"]]],
+                        fmt="none", ecolor="#555", capsize=3, lw=0.8)
         label = r["strategy"] + (" (auto's pick, on val)" if r.get("auto_pick") else "")
         ax.annotate(label, (r["wall_seconds"], r["test_accuracy"]), textcoords="offset points", xytext=(6, 4))
     ax.set_xlabel("wall time (s)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy (bars: 95% CI)")
     ax.set_title("strategies: accuracy vs time (point area ~ energy)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -413,13 +520,20 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str] | None = None) -> None:
+    """The rows as CSV (intervals as JSON lists: `[0.962, 0.991]`)."""
     from .data import PATH_ERRORS
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
-        w = csv.DictWriter(fh, fieldnames=columns(rows), extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=list(fields or columns(rows)), extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows([{k: [round(x, 6) for x in v] if isinstance(v, list) else v for k, v in r.items()} for r in rows])
+
+
+def _ci(ci: Sequence[float] | None) -> str:
+    from .intervals import fmt
+
+    return fmt(ci) if ci else "—"
 
 
 def _number(value: Any) -> bool:

@@ -30,7 +30,7 @@ td,th{border:1px solid #d6dbe0;padding:.2rem .55rem;text-align:left;vertical-ali
 td.num{text-align:right;font-variant-numeric:tabular-nums}pre{background:#f6f8fa;padding:.6rem;overflow:auto;font-size:.82rem}
 .pass{color:#176f2c;font-weight:600}.fail{color:#b42318;font-weight:600}.warn{color:#9a5b00;font-weight:600}
 img{max-width:100%;height:auto}.cards{display:flex;flex-wrap:wrap;gap:.6rem}.card{border:1px solid #d6dbe0;
-border-radius:6px;padding:.4rem .8rem}.card b{display:block;font-size:1.2rem}li{margin:.3rem 0}
+border-radius:6px;padding:.4rem .8rem}.card b{display:block;font-size:1.2rem}.card small{display:block;color:#5b6670}li{margin:.3rem 0}
 """
 
 
@@ -89,14 +89,20 @@ def render(root: Path) -> str:
 def _summary(root: Path, metrics: dict[str, Any]) -> str:
     test = metrics.get("test", {})
     model = metrics.get("model", {})
-    cards = [("test accuracy", _f(test.get("accuracy"))), ("macro F1", _f(test.get("macro_f1"))),
-             ("test images", test.get("n", "?")), ("strategy", metrics.get("strategy", "?")),
-             ("trainable params", f"{model.get('trainable_params', 0):,}")]
+    ci = test.get("ci95") or {}
+    cards = [("test accuracy", _f(test.get("accuracy")), _ci(ci.get("accuracy"))),
+             ("macro F1", _f(test.get("macro_f1")), _ci(ci.get("macro_f1"))),
+             ("test images", test.get("n", "?"), ""), ("strategy", metrics.get("strategy", "?"), ""),
+             ("trainable params", f"{model.get('trainable_params', 0):,}", "")]
     fp = metrics.get("footprint")
     if fp:
-        cards.append(("energy", f"{fp['energy_kwh'] * 1000:.3g} Wh"))
-    body = "<div class=\"cards\">" + "".join(f"<div class=\"card\">{_e(k)}<b>{_e(str(v))}</b></div>" for k, v in cards)
+        cards.append(("energy", f"{fp['energy_kwh'] * 1000:.3g} Wh", ""))
+    body = "<div class=\"cards\">" + "".join(
+        f"<div class=\"card\">{_e(k)}<b>{_e(str(v))}</b>{f'<small>95% CI {_e(note)}</small>' if note else ''}</div>"
+        for k, v, note in cards)
     body += "</div>"
+    if "method" in ci:
+        body += f"<p class=\"sub\">95% intervals: {_e(ci['method'])}.</p>"
     name = model.get("backbone") or model.get("name") or "?"
     head = (f"<h1>affinage run <code>{_e(root.name)}</code></h1><p class=\"sub\">backbone {_e(name)}, strategy "
             f"{_e(metrics.get('strategy', '?'))} — {_e(str(root))}</p>")
@@ -106,11 +112,21 @@ def _summary(root: Path, metrics: dict[str, Any]) -> str:
 def _targets(results: list[dict[str, Any]] | None) -> str:
     if not results:
         return _section("targets", "Targets", "<p>No targets were set (<code>--target 'accuracy&gt;=0.9'</code>).</p>")
-    rows = [[f"<span class=\"{'pass' if r['passed'] else 'fail'}\">{'PASS' if r['passed'] else 'FAIL'}</span>",
-             f"<code>{_e(r['expr'])}</code>", _f(r.get("value"))] for r in results]
+    def status(r: dict[str, Any]) -> str:
+        if not r["passed"]:
+            return "<span class=\"fail\">FAIL</span>"
+        if r.get("established") is False:
+            return "<span class=\"warn\">passed, not established</span>"
+        return "<span class=\"pass\">PASS</span>"
+
+    rows = [[status(r), f"<code>{_e(r['expr'])}</code>", _f(r.get("value")), _e(_ci(r.get("ci95")) or "—")]
+            for r in results]
     met = sum(r["passed"] for r in results)
-    return _section("targets", "Targets", f"<p>{met} of {len(results)} target(s) met on the test split.</p>"
-                    + _table(["", "target", "test value"], rows, raw=True))
+    shaky = sum(bool(r["passed"] and r.get("established") is False) for r in results)
+    note = (f" {shaky} of them only on the value: the bound of the 95% interval on the passing side does not pass "
+            "(not established; more test images would settle it)." if shaky else "")
+    return _section("targets", "Targets", f"<p>{met} of {len(results)} target(s) met on the test split.{note}</p>"
+                    + _table(["", "target", "test value", "95% CI"], rows, raw=True))
 
 
 def _diagnosis(findings: list[dict[str, str]] | None) -> str:
@@ -270,12 +286,19 @@ def _groups(groups: dict[str, Any] | None) -> str:
     ax.set_xlabel("test accuracy (worst group in red)")
     ax.grid(axis="x", alpha=0.3)
     flag = ("<span class=\"warn\">flagged</span>: above" if groups["flagged"] else "within")
+    gap_ci = groups.get("accuracy_gap_ci95")
     text = (f"<p>Worst group <b>{_e(groups['worst_group'])}</b>, best <b>{_e(groups['best_group'])}</b>: accuracy gap "
-            f"{groups['accuracy_gap']:.3f}, macro-recall gap {groups['recall_gap']:.3f} — {flag} the "
-            f"{groups['threshold']:.2f} threshold. Small groups give noisy figures: check n.</p>")
-    rows = [[g, by[g]["n"], _f(by[g]["accuracy"]), _f(by[g]["macro_recall"])] for g in names]
+            f"{groups['accuracy_gap']:.3f}{f' (95% CI {_e(_ci(gap_ci))})' if gap_ci else ''}, macro-recall gap "
+            f"{groups['recall_gap']:.3f} — {flag} the {groups['threshold']:.2f} threshold. Small groups give noisy "
+            "figures: check n and the intervals.</p>")
+    if any("ci95" in by[g] for g in names):
+        lo = [by[g]["accuracy"] - by[g]["ci95"][0] if "ci95" in by[g] else 0.0 for g in names]
+        hi = [by[g]["ci95"][1] - by[g]["accuracy"] if "ci95" in by[g] else 0.0 for g in names]
+        ax.errorbar([by[g]["accuracy"] for g in names], names, xerr=[lo, hi], fmt="none", ecolor="#333", capsize=3)
+    rows = [[g, by[g]["n"], _f(by[g]["accuracy"]), _ci(by[g].get("ci95")) or "—", _f(by[g]["macro_recall"])]
+            for g in names]
     return _section("groups", "Per-group metrics (test)", text + _png(fig, "per-group accuracy")
-                    + _table(["group", "n", "accuracy", "macro recall"], rows))
+                    + _table(["group", "n", "accuracy", "95% CI", "macro recall"], rows))
 
 
 def _tasks(metrics: dict[str, Any]) -> str:
@@ -419,6 +442,13 @@ def _environment(metrics: dict[str, Any]) -> str:
 def _e(text: Any) -> str:
     """HTML-escaped text; bytes of non-UTF-8 file names (surrogate escapes) shown as \\xNN."""
     return html.escape(printable(str(text)), quote=True)
+
+
+def _ci(ci: Sequence[float] | None) -> str:
+    """`95% CI 0.962–0.991` as the cell text `0.962–0.991`; '' where the run has no interval."""
+    from .intervals import fmt
+
+    return fmt(ci) if ci else ""
 
 
 def _f(value: Any) -> str:

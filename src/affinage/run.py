@@ -491,6 +491,7 @@ def write_run(run_dir: Path, cfg: TrainConfig, images: LabelledImages, backbone:
     """model/, test_predictions.csv, metrics.json, history, report.html (main process only); the finished Run."""
     from .diagnosis import format_findings
     from .evaluate import softmax
+    from .intervals import headline, warnings
     from .targets import format_result
 
     if dist.is_main():
@@ -512,11 +513,9 @@ def write_run(run_dir: Path, cfg: TrainConfig, images: LabelledImages, backbone:
         write_history(run_dir, trained.history)
         write_metrics(run_dir, metrics)
         remove_checkpoints(run_dir)
-        test_block = metrics["test"]
-        log(f"test accuracy {test_block['accuracy']:.4f} (macro F1 {test_block['macro_f1']:.4f}, n={test_block['n']}) "
-            f"in {metrics['timing']['wall_seconds']:.1f}s -> {run_dir}")
+        log(f"{headline(metrics['test'])} in {metrics['timing']['wall_seconds']:.1f}s -> {run_dir}")
         for line in (_keep_lines(metrics) + _task_lines(metrics) + _trust_lines(metrics)
-                     + [format_result(r) for r in metrics["targets"]]
+                     + [format_result(r) for r in metrics["targets"]] + warnings(metrics)
                      + format_findings(metrics["diagnosis"])):
             log(line)
         _write_report(run_dir, log)
@@ -581,10 +580,15 @@ def _metrics(cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data:
     """metrics.json's content (runfiles.METRICS_SCHEMA), the footprint added by the caller."""
     from .diagnosis import diagnose
     from .evaluate import calibration, group_metrics
+    from .intervals import interval_blocks
     from .targets import check_targets
 
     samples, splits, test_y = data.decoded.samples, data.splits, data.y[data.splits.test]
     classes = list(data.labels.classes)
+    groups = ([samples[i].group or "(none)" for i in splits.test] if any(s.group is not None for s in samples)
+              else None)
+    own = [t for t in data.targets if t.task is None or t.task == data.labels.task]  # `task:` targets: their task's
+    ci = interval_blocks(evaluation.logits, test_y, classes, own, groups, cfg.seed)  # 95% bootstrap
     trainable = sum(p.numel() for p in trained.head.parameters())
     if trained.fine_tune is not None:
         trainable = max(r["trainable_params"] for r in trained.fine_tune.as_rows())
@@ -594,7 +598,7 @@ def _metrics(cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data:
         "strategy": plan.strategy.name, "strategy_reason": plan.reason,
         **({"strategy_evidence": plan.evidence} if plan.evidence is not None else {}),
         "task": data.labels.task,
-        "test": evaluation.test,
+        "test": ci.on_test(evaluation.test),
         "val": {**trained.extras.get("val", {}),
                 "kept_phase": last.history[0].phase if last is not None else None,
                 "kept_epoch": last.best_epoch if last is not None else None},
@@ -621,23 +625,24 @@ def _metrics(cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data:
         "distributed": {"world_size": dist.world_size()},
         "calibration": calibration(evaluation.logits, test_y),
     }
-    if any(s.group is not None for s in samples):
-        metrics["groups"] = group_metrics(evaluation.logits, test_y, [samples[i].group or "(none)" for i in splits.test],
-                                          classes)
+    if groups is not None:
+        metrics["groups"] = ci.on_groups(group_metrics(evaluation.logits, test_y, groups, classes))
     metrics.update(evaluation.tasks)  # --init-from: old_task (forgetting), new_task
     if evaluation.by_task:
-        metrics["tasks"] = _task_metrics(data, evaluation)
+        metrics["tasks"] = _task_metrics(data, evaluation, cfg.seed)
     metrics["leaks"] = data.leaks
-    metrics["targets"] = check_targets(data.targets, evaluation.test, metrics.get("tasks"))
+    metrics["targets"] = check_targets(data.targets, metrics["test"], metrics.get("tasks"))
     metrics["diagnosis"] = diagnose(trained.history, evaluation.test, classes,
                                     leaks=0 if data.leaks["dropped"] else data.leaks["pairs"],
                                     old_task=evaluation.tasks.get("old_task"))
     return metrics
 
 
-def _task_metrics(data: PreparedData, evaluation: Evaluation) -> dict[str, Any]:
-    """metrics.json["tasks"]: each task's full test block, its classes, what was masked, and its per-group figures."""
+def _task_metrics(data: PreparedData, evaluation: Evaluation, seed: int) -> dict[str, Any]:
+    """metrics.json["tasks"]: each task's full test block with its 95% intervals, its classes, what was masked, and
+    its per-group figures."""
     from .evaluate import group_metrics
+    from .intervals import interval_blocks
     from .tasks import UNKNOWN
 
     samples, test = data.decoded.samples, data.splits.test
@@ -645,12 +650,15 @@ def _task_metrics(data: PreparedData, evaluation: Evaluation) -> dict[str, Any]:
     y = tasks.y[test]
     out = {}
     for j, (space, block) in enumerate(zip(tasks.spaces, tasks.split(evaluation.task_logits))):
-        entry = {**evaluation.by_task[space.task], "classes": list(space.classes),
-                 "masked": tasks.masked.get(space.task, {})}
         known = y[:, j] != UNKNOWN
-        if any(s.group is not None for s in samples) and known.any():
-            groups = [samples[i].group or "(none)" for i, k in zip(test, known) if k]
-            entry["groups"] = group_metrics(block[known], y[known, j], groups, list(space.classes))
+        named = [t for t in data.targets if t.task == space.task or (j == 0 and t.task is None)]
+        groups = ([samples[i].group or "(none)" for i, k in zip(test, known) if k]
+                  if any(s.group is not None for s in samples) and known.any() else None)
+        ci = interval_blocks(block[known], y[known, j], list(space.classes), named, groups, seed)
+        entry = {**ci.on_test(evaluation.by_task[space.task]), "classes": list(space.classes),
+                 "masked": tasks.masked.get(space.task, {})}
+        if groups is not None:
+            entry["groups"] = ci.on_groups(group_metrics(block[known], y[known, j], groups, list(space.classes)))
         out[space.task] = entry
     return out
 
@@ -739,13 +747,16 @@ def _keep_lines(metrics: dict[str, Any]) -> list[str]:
 
 
 def _trust_lines(metrics: dict[str, Any]) -> list[str]:
+    from .intervals import fmt
+
     lines = []
     groups = metrics.get("groups")
     if groups:
         worst, best = groups["worst_group"], groups["best_group"]
         lines.append(f"groups: worst '{worst}' accuracy {groups['by_group'][worst]['accuracy']:.3f}, best '{best}' "
                      f"{groups['by_group'][best]['accuracy']:.3f} (gap {groups['accuracy_gap']:.3f}"
-                     f"{' > ' + format(groups['threshold'], '.2f') + ': FLAGGED' if groups['flagged'] else ''})")
+                     + (f", 95% CI {fmt(groups['accuracy_gap_ci95'])}" if "accuracy_gap_ci95" in groups else "")
+                     + f"{' > ' + format(groups['threshold'], '.2f') + ': FLAGGED' if groups['flagged'] else ''})")
     fp = metrics["footprint"]
     lines.append(f"footprint: {fp['energy_kwh'] * 1000:.3g} Wh, {fp['co2_kg'] * 1000:.3g} g CO2e ({fp['country']}), "
                  f"{fp['water_l']:.3g} L water — {fp['method']}")

@@ -66,7 +66,8 @@ METRICS_SCHEMA: dict[str, str] = {
     "task*": "the task name of the head evaluated below (single-label data: 'label')",
     "test*": "classification_metrics on the test split: n, accuracy, top5_accuracy (>5 classes), macro/weighted "
              "precision, recall, f1, per_class {class: precision, recall, f1, specificity, support}, "
-             "confusion_matrix, classes",
+             "confusion_matrix, classes; ci95 {accuracy, macro_f1, top5_accuracy (>5 classes), every figure a "
+             "target names (e.g. recall[tulip]): [lo, hi], method} (affinage.intervals: seeded 95% bootstrap)",
     "val*": "{accuracy: best val accuracy over all epochs, kept_epoch, kept_phase}",
     "diverged*": "null, or why training stopped on a NaN/inf loss",
     "hyperparameters*": "the effective hyper-parameters (the strategy's defaults filled in)",
@@ -76,14 +77,16 @@ METRICS_SCHEMA: dict[str, str] = {
     "environment*": "device, threads, platform, library versions",
     "distributed*": "{world_size: processes that trained the run}",
     "calibration*": "expected calibration error and reliability bins on test",
-    "groups": "per-group metrics when the data has a group column",
+    "groups": "per-group metrics when the data has a group column; each group's ci95 of its accuracy, and "
+              "accuracy_gap_ci95",
     "old_task": "--init-from: source, n_classes, keep, measured; with --old-data accuracy_before, accuracy_after, "
                 "forgetting (before - after on the old data's test split), per_class recall before/after; else reason",
     "new_task": "--init-from: n and accuracy on the new data's test images (all classes competing)",
     "tasks": "several --task: {task: its full test block (as test), unknown, classes, masked {reason: labels}, "
              "groups}; test is the first task's",
     "leaks*": "pairs, exact, near, dropped, label_conflicts",
-    "targets*": "each --target with its value and passed",
+    "targets*": "each --target with its value and passed; ci95 and established (the interval's bound on the "
+                "passing side passes too), images_needed where passed but not established",
     "diagnosis*": "learning-curve findings",
     "footprint*": "energy_kwh, co2_kg, water_l, country, method",
 }

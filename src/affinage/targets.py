@@ -1,5 +1,8 @@
 """Targets such as `accuracy>=0.95` or `recall[tulip]>=0.9`: parsed with a grammar (never eval), validated
-before training against the metric and class names, and checked on the test metrics."""
+before training against the metric and class names, and checked on the test metrics. Where the test block holds
+the figure's 95% interval (`ci95`, affinage.intervals), a target is *established* when the interval's bound on the
+passing side passes too (the lower bound of a `>=` target); one that passes on its value alone is reported as
+"passed, not established"."""
 from __future__ import annotations
 
 import math
@@ -11,6 +14,7 @@ from typing import Any
 
 from .errors import AffinageError
 from .evaluate import TOP5_MIN_CLASSES
+from .intervals import figure_key, fmt, images_needed
 
 # Figures of metrics.json["test"] a target can name; per-class ones take a class in brackets.
 OVERALL_METRICS = ("accuracy", "loss", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "specificity")
@@ -44,10 +48,25 @@ class Target:
             return float(test[self.metric])
         return float(test["per_class"][self.cls][self.metric])
 
+    @property
+    def key(self) -> str:
+        """The figure's name in a ci95 block: `accuracy`, `recall[tulip]`."""
+        return figure_key(self.metric, self.cls)
+
     def check(self, test: dict[str, Any]) -> dict[str, Any]:
+        """{"expr", "value", "passed"}, and where the test block has the figure's interval: "ci95", "established"
+        (the bound on the passing side passes too) and, passed but not established, "images_needed"."""
         value = self.value(test)
         passed = math.isfinite(value) and OPERATORS[self.op](value, self.threshold)
-        return {"expr": self.expr, "value": value, "passed": bool(passed)}
+        result: dict[str, Any] = {"expr": self.expr, "value": value, "passed": bool(passed)}
+        ci = (test.get("ci95") or {}).get(self.key)
+        if ci is not None:
+            bound = ci[0] if self.op in (">=", ">") else ci[1]
+            established = bool(passed and OPERATORS[self.op](bound, self.threshold))
+            result.update(ci95=list(ci), established=established)
+            if passed and not established:
+                result["images_needed"] = images_needed(int(test.get("n") or 0), value, bound, self.threshold)
+        return result
 
 
 def _valid_names() -> str:
@@ -102,9 +121,20 @@ def parse_targets(exprs: Iterable[str], classes: Sequence[str] | None = None,
 
 def check_targets(targets: Sequence[Target], test: dict[str, Any],
                   tasks: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """[{"expr", "value", "passed"}] for the test metrics of a run (`tasks`: each task's, for `task:` targets)."""
+    """[{"expr", "value", "passed", "ci95", "established"}] for the test metrics of a run (see Target.check;
+    `tasks`: each task's test block, for `task:` targets)."""
     return [t.check(tasks[t.task] if t.task is not None and tasks else test) for t in targets]
 
 
 def format_result(result: dict[str, Any]) -> str:
-    return f"{'PASS' if result['passed'] else 'FAIL'}  {result['expr']}  (test: {result['value']:.4f})"
+    """`PASS  accuracy>=0.9  (test: 0.9500, 95% CI 0.930–0.968)`, or "passed, not established" where the value
+    passes and the interval's bound does not (with the test images that would establish a margin this size)."""
+    line = f"{'PASS' if result['passed'] else 'FAIL'}  {result['expr']}  (test: {result['value']:.4f}"
+    if "ci95" not in result:
+        return line + ")"
+    if not result["passed"] or result.get("established"):
+        return line + f", 95% CI {fmt(result['ci95'])})"
+    need = result.get("images_needed")
+    return (line + f"): passed, not established (95% CI {fmt(result['ci95'])}); "
+            + (f"the test split is too small: about {need:,} test images would establish a margin this size" if need
+               else "the value is the threshold itself: no test split can establish it"))
