@@ -67,6 +67,27 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _train_job(cmd: list[str], root: Path, name: str, run_dir: Path) -> float:
+    """Run one `affinage train` child on a cold cache of its own; its log under runs/; its wall seconds."""
+    cache = root / "cache" / _slug(name)
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "AFFINAGE_CACHE_DIR": str(cache)}  # cold: nothing decoded or extracted before
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                              env=env)
+    finally:
+        wall = time.perf_counter() - t0
+        shutil.rmtree(cache, ignore_errors=True)  # a decoded dataset per strategy would fill the disk
+    (root / "runs").mkdir(exist_ok=True)
+    write_text(root / "runs" / f"{_slug(name)}.log", proc.stdout)
+    if proc.returncode != 0 or not (run_dir / "metrics.json").exists():
+        last = [line for line in proc.stdout.splitlines() if line.strip()][-1:] or ["no output"]
+        raise AffinageError(f"strategy {name} failed: {last[0]}",
+                            f"see {root / 'runs' / (_slug(name) + '.log')}")
+    return wall
+
+
 def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[str] = DEFAULT_STRATEGIES,
             out: str | os.PathLike[str] | None = None, targets: Sequence[str] = (), seed: int = 0,
             train_args: Sequence[str] = (), progress: bool = True, log: Callable[[str], None] = _say,
@@ -115,22 +136,7 @@ def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[s
         if not progress:
             cmd.append("--quiet")
         log(f"[{k + 1}/{len(jobs)}] {name}: {' '.join(cmd[3:])}")
-        cache = root / "cache" / _slug(name)
-        shutil.rmtree(cache, ignore_errors=True)
-        env = {**os.environ, "AFFINAGE_CACHE_DIR": str(cache)}  # cold: nothing decoded or extracted before
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                  env=env)
-        finally:
-            wall = time.perf_counter() - t0
-            shutil.rmtree(cache, ignore_errors=True)  # a decoded dataset per strategy would fill the disk
-        (root / "runs").mkdir(exist_ok=True)
-        write_text(root / "runs" / f"{_slug(name)}.log", proc.stdout)
-        if proc.returncode != 0 or not (run_dir / "metrics.json").exists():
-            last = [line for line in proc.stdout.splitlines() if line.strip()][-1:] or ["no output"]
-            raise AffinageError(f"strategy {name} failed: {last[0]}",
-                                f"see {root / 'runs' / (_slug(name) + '.log')}")
+        wall = _train_job(cmd, root, name, run_dir)
         first = first or run_dir
         r = row_from_run(name, run_dir, wall)
         if solo is not None:  # a baseline: not a candidate of the comparison
