@@ -107,8 +107,22 @@ def test_build_tasks_masks_empty_cells_and_classes_absent_from_train() -> None:
     with_rare = build_tasks(["one", "two"], samples, train + [5], first, 2, "equal")  # "rare" has 1 image < 2
     assert with_rare.y[5, 1] == UNKNOWN and "rare" not in with_rare.spaces[1].classes
     assert with_rare.masked["two"]["class with fewer than 2 images (--min-per-class)"] == 1
+    assert with_rare.masked_classes["two"] == {"class with fewer than 2 images (--min-per-class)": {"rare": 1}}
+    assert "'rare' (1)" in " ".join(with_rare.describe_masked())  # the run names the class it masked
     with pytest.raises(AffinageError, match="at least two classes"):
         build_tasks(["one", "two"], samples, train, first, 4, "equal")  # x and y have 3 images each, < 4
+
+
+def test_a_declared_unknown_value_is_masked_and_named() -> None:
+    samples = [Sample(f"s{i}", "a" if i % 2 else "b", more=(v,)) for i, v in
+               enumerate(["x", "y", "NA", "x", "y", "z", "x", "y", "z", "NA"])]
+    first = LabelSpace.from_labels([s.label for s in samples], "t", task="one")
+    kept = build_tasks(["one", "two"], samples, range(10), first, None, "equal")
+    assert "NA" in kept.spaces[1].classes  # by default a cell reading NA is a class: the run warns (run._tasks)
+    tasks = build_tasks(["one", "two"], samples, range(10), first, None, "equal", unknown_values=["NA"])
+    assert "NA" not in tasks.spaces[1].classes and tasks.y[2, 1] == UNKNOWN and tasks.y[9, 1] == UNKNOWN
+    assert tasks.masked["two"] == {"--unknown-value": 2}
+    assert "'NA' (2)" in " ".join(tasks.describe_masked())
 
 
 def test_csv_task_columns_are_read_and_refused_clearly(tmp_path: Path, tiny_images: Path) -> None:
@@ -128,7 +142,7 @@ def test_multitask_run_reports_every_task_and_masks_unknown_labels(multi_run: Pa
     metrics = json.loads((multi_run / "metrics.json").read_text())
     assert set(metrics["tasks"]) == set(TASKS)
     assert metrics["test"] == {k: v for k, v in metrics["tasks"]["shape"].items()
-                               if k not in ("unknown", "classes", "masked", "groups")}
+                               if k not in ("unknown", "classes", "masked", "masked_classes", "groups")}
     tone = metrics["tasks"]["tone"]
     test_rows = list(csv.DictReader(open(multi_run / "splits" / "test.csv")))
     empty = sum(1 for r in test_rows if int(Path(r["path"]).stem.split("_")[-1]) % 10 < 3)

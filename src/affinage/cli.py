@@ -109,6 +109,9 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
     d.add_argument("--train-task", action="append", default=[], metavar="COLUMN", dest="train_tasks",
                    help="several --task: only these tasks' losses train (repeatable; the others' heads are measured "
                         "only): a single-task baseline on the same images and splits")
+    d.add_argument("--unknown-value", action="append", default=[], metavar="TEXT", dest="unknown_values",
+                   help="several --task: a cell reading TEXT (e.g. NA) is unknown for that task, like an empty cell "
+                        "(repeatable; the first task must still be known on every row)")
     d.add_argument("--task-weighting", choices=("equal", "uncertainty"), default="equal",
                    help="several --task: sum the task losses (equal, the default) or weigh them by learned "
                         "uncertainty (Kendall et al. 2018)")
@@ -155,7 +158,7 @@ def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_epochs", "patience", "head_init", "image_size", "grad_accum", "val_fraction", "test_fraction",
             "splits_from", "group_by", "min_per_class", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha", "mean", "std",
             "budget", "budget_factor", "interpolate", "tta", "refit", "init_from", "old_data", "keep",
-            "replay_fraction", "distill_temperature", "distill_weight", "tasks", "task_weighting", "train_tasks", "folds")
+            "replay_fraction", "distill_temperature", "distill_weight", "tasks", "task_weighting", "train_tasks", "unknown_values", "folds")
     kwargs = {k: getattr(args, k) for k in keys}
     kwargs["pretrained"] = not args.no_pretrained
     kwargs["resume"] = args.resume

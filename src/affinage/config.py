@@ -94,6 +94,7 @@ class TrainConfig:
     tasks: list[str] = field(default_factory=list)
     task_weighting: str = "equal"  # equal: task losses summed; uncertainty: Kendall et al.'s learned weights
     train_tasks: list[str] = field(default_factory=list)  # the tasks whose losses train (default: all); others measured
+    unknown_values: list[str] = field(default_factory=list)  # cells read as unknown (like an empty cell), e.g. NA
     extra: dict[str, Any] = field(default_factory=dict)
     # k-fold cross-validation and few-shot (issue #13, crossval.py)
     folds: int | None = None  # K stratified folds, K child runs, out-of-fold figures; None: one train/val/test split
@@ -178,6 +179,9 @@ class TrainConfig:
         if unknown:
             raise AffinageError(f"--train-task {unknown[0]} is not one of the --task columns ({', '.join(self.tasks)})",
                                 "name a task given with --task")
+        if self.unknown_values and len(self.tasks) < 2:
+            raise AffinageError(f"--unknown-value {self.unknown_values[0]} applies to the tasks after the first",
+                                "pass several --task columns, or remove those rows from the CSV")
         if len(self.tasks) > 1 and self.init_from is not None:
             raise AffinageError("--init-from with several --task is not supported",
                                 "extend a single-task model (one --task), or train the tasks without --init-from")

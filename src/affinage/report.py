@@ -316,7 +316,10 @@ def _tasks(metrics: dict[str, Any]) -> str:
             + _table(["task", "test n", "unknown", "accuracy", "macro F1", "classes"], overview))
     for name, b in tasks.items():
         per = b.get("per_class") or {}
-        masked = "; ".join(f"{n} {why}" for why, n in (b.get("masked") or {}).items() if n)
+        named = b.get("masked_classes") or {}
+        masked = "; ".join(f"{n} {why}" + (" (" + ", ".join(f"{c}: {k}" for c, k in sorted(named[why].items())) + ")"
+                                          if named.get(why) else "")
+                           for why, n in (b.get("masked") or {}).items() if n)
         body += f"<h3 id=\"task-{_e(name)}\">{_e(name)}</h3>"
         body += f"<p>masked: {_e(masked)}</p>" if masked else ""
         rows = [[c, _f(v["recall"]), _f(v["precision"]), _f(v["f1"]), v["support"]]

@@ -343,18 +343,23 @@ def prepare_data(cfg: TrainConfig, images: LabelledImages, pp: Preprocessing, ru
 def _tasks(cfg: TrainConfig, samples: Sequence[Sample], splits: Splits, first: LabelSpace,
            log: Callable[[str], None]) -> Any:
     """Several --task: every task's label space and labels (tasks.build_tasks), what was masked said; else None."""
-    from .tasks import build_tasks
+    from .tasks import MISSING_MARKERS, build_tasks
 
     if len(cfg.tasks) < 2:
         return None
     tasks = build_tasks(cfg.tasks, samples, splits.train, first, cfg.min_per_class, cfg.task_weighting,
-                        cfg.train_tasks)
+                        cfg.train_tasks, cfg.unknown_values)
     if cfg.train_tasks:
         log(f"tasks trained: {', '.join(cfg.train_tasks)}; the others' heads are measured only (--train-task)")
     log(f"tasks: {', '.join(f'{s.task} ({len(s)} classes)' for s in tasks.spaces)}; one backbone, one head each, "
         f"losses {'summed' if cfg.task_weighting == 'equal' else 'weighted by learned uncertainty'}")
     for line in tasks.describe_masked():
         log(f"  {line}: masked out of that task's loss and metrics")
+    for space in tasks.spaces[1:]:
+        for c in space.classes:
+            if c.strip().lower() in MISSING_MARKERS:
+                log(f"  {space.task}: class '{c}' looks like a missing-value marker; it is kept as a class "
+                    f"(--unknown-value {c} makes it unknown, masked like an empty cell)")
     return tasks
 
 
@@ -656,7 +661,8 @@ def _task_metrics(data: PreparedData, evaluation: Evaluation, seed: int) -> dict
                   if any(s.group is not None for s in samples) and known.any() else None)
         ci = interval_blocks(block[known], y[known, j], list(space.classes), named, groups, seed)
         entry = {**ci.on_test(evaluation.by_task[space.task]), "classes": list(space.classes),
-                 "masked": tasks.masked.get(space.task, {})}
+                 "masked": tasks.masked.get(space.task, {}),
+                 "masked_classes": tasks.masked_classes.get(space.task, {})}
         if groups is not None:
             entry["groups"] = ci.on_groups(group_metrics(block[known], y[known, j], groups, list(space.classes)))
         out[space.task] = entry

@@ -83,7 +83,7 @@ METRICS_SCHEMA: dict[str, str] = {
                 "forgetting (before - after on the old data's test split), per_class recall before/after; else reason",
     "new_task": "--init-from: n and accuracy on the new data's test images (all classes competing)",
     "tasks": "several --task: {task: its full test block (as test), unknown, classes, masked {reason: labels}, "
-             "groups}; test is the first task's",
+             "masked_classes {reason: {class: labels}}, groups}; test is the first task's",
     "leaks*": "pairs, exact, near, dropped, label_conflicts",
     "targets*": "each --target with its value and passed; ci95 and established (the interval's bound on the "
                 "passing side passes too), images_needed where passed but not established",

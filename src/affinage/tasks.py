@@ -27,6 +27,7 @@ from .errors import AffinageError
 from .labels import LabelSpace
 
 UNKNOWN = -1  # the label index of an (image, task) pair whose label is not known: masked out of loss and metrics
+MISSING_MARKERS = ("na", "n/a", "nan", "null", "none", "unknown", "-", "?")  # cells that often mean "not known"
 PAD = -1e4  # log-probability of the columns a task does not have, when tasks are scored as one table
 
 
@@ -37,6 +38,7 @@ class TaskSet:
     spaces: tuple[LabelSpace, ...]
     y: np.ndarray  # (samples, tasks) int64; UNKNOWN where the label is unknown
     masked: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> {reason: labels masked}
+    masked_classes: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # task -> {reason: {class: n}}
     weighting: str = "equal"
     trained: tuple[bool, ...] = ()  # per task: its loss trains the network (--train-task; default: every task)
 
@@ -78,24 +80,35 @@ class TaskSet:
         return np.concatenate(rows), np.concatenate(labels).astype(np.int64)
 
     def describe_masked(self) -> list[str]:
-        return [f"{task}: {n} label(s) unknown ({reason})" for task, reasons in self.masked.items()
-                for reason, n in reasons.items() if n]
+        """One line per task and reason, naming the classes masked (an empty cell names none)."""
+        lines = []
+        for task, reasons in self.masked.items():
+            for reason, n in reasons.items():
+                named = self.masked_classes.get(task, {}).get(reason, {})
+                which = ": " + ", ".join(f"'{c}' ({k})" for c, k in sorted(named.items())) if named else ""
+                if n:
+                    lines.append(f"{task}: {n} label(s) unknown ({reason}){which}")
+        return lines
 
 
 def build_tasks(names: Sequence[str], samples: Sequence[Any], train: Sequence[int], first: LabelSpace,
-                min_per_class: int | None, weighting: str, trained: Sequence[str] = ()) -> TaskSet:
+                min_per_class: int | None, weighting: str, trained: Sequence[str] = (),
+                unknown_values: Sequence[str] = ()) -> TaskSet:
     """The TaskSet of `samples` (Sample.label is the first task's, Sample.more the others'), label spaces from the
     train split; see the module docstring for what is masked. `trained`: the tasks whose losses train (default
-    all); the others get heads that are measured only (the single-task baselines of `compare --multitask-baseline`)."""
+    all); the others get heads that are measured only (the single-task baselines of `compare --multitask-baseline`).
+    `unknown_values`: cells that mean unknown, like an empty one (e.g. "NA"), in every task but the first."""
     for name in names:
         if "." in name or not name:
             raise AffinageError(f"task column '{name}' cannot name a head (no dots, not empty)",
                                 "rename the column in the CSV, e.g. base_colour")
     y = np.full((len(samples), len(names)), UNKNOWN, dtype=np.int64)
     y[:, 0] = first.indices(s.label for s in samples)
-    spaces, masked = [LabelSpace(names[0], first.classes, first.source)], {}
+    spaces, masked, classes = [LabelSpace(names[0], first.classes, first.source)], {}, {}
     for j, name in enumerate(names[1:], start=1):
         values = [s.more[j - 1] if len(s.more) >= j else "" for s in samples]
+        declared = Counter(v for v in values if v in unknown_values)
+        values = ["" if v in unknown_values else v for v in values]
         counts = Counter(v for v in values if v)
         in_train = Counter(values[i] for i in train if values[i])
         small = {c for c, n in counts.items() if min_per_class is not None and n < min_per_class}
@@ -106,18 +119,24 @@ def build_tasks(names: Sequence[str], samples: Sequence[Any], train: Sequence[in
         space = LabelSpace.from_labels(kept, f"train split, column {name}", task=name)
         position = {c: k for k, c in enumerate(space.classes)}
         reasons: Counter[str] = Counter()
+        named: dict[str, Counter[str]] = {"--unknown-value": declared} if declared else {}
         for i, v in enumerate(values):
-            if not v:
-                reasons["empty cell"] += 1
-            elif v in small:
-                reasons[f"class with fewer than {min_per_class} images (--min-per-class)"] += 1
-            elif v not in position:
-                reasons["class absent from the train split"] += 1
-            else:
+            why = ("empty cell" if not v else f"class with fewer than {min_per_class} images (--min-per-class)"
+                   if v in small else "class absent from the train split" if v not in position else None)
+            if why is None:
                 y[i, j] = position[v]
+                continue
+            reasons[why] += 1
+            if v:
+                named.setdefault(why, Counter())[v] += 1
+        if declared:  # their cells were emptied above: say which they were
+            reasons["--unknown-value"] = sum(declared.values())
+            reasons["empty cell"] -= sum(declared.values())
+            reasons = Counter({k: n for k, n in reasons.items() if n})
         spaces.append(space)
         masked[name] = dict(reasons)
-    return TaskSet(tuple(spaces), y, masked, weighting, tuple(not trained or n in trained for n in names))
+        classes[name] = {why: dict(c) for why, c in named.items()}
+    return TaskSet(tuple(spaces), y, masked, classes, weighting, tuple(not trained or n in trained for n in names))
 
 
 class MultiHead(nn.Module):
