@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .config import AUGMENT_PRESETS, COMPARE_STRATEGIES, KEEP_MODES, PRECISIONS, STRATEGY_NAMES
+from .config import AUGMENT_PRESETS, COMPARE_STRATEGIES, KEEP_MODES, PRECISIONS, REPORT_TO, STRATEGY_NAMES
 from .errors import AffinageError
 
 DEMO_DATA = "digits"
@@ -21,7 +21,9 @@ DEMO_PRESET = {"strategy": "full", "image_size": 128, "train_image_size": 128, "
 # long-function: one declaration per `train` option, grouped as --help prints them
 def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     g = p.add_argument_group("what to train")
-    g.add_argument("--data", required=data_required, default=None if data_required else DEMO_DATA,
+    g.add_argument("--config", metavar="FILE", help="YAML or JSON file of these options (TrainConfig's field names, "
+                                                    "e.g. a run's own config.yaml); options given here override it")
+    g.add_argument("--data", default=None if data_required else DEMO_DATA,  # required, unless --config gives it
                    help="a folder of class subfolders, a folder with train/val[/test] subfolders, a CSV "
                         "(path,label[,split][,group]), hf:<dataset id>[:config], or 'digits'")
     g.add_argument("--model", default=DEMO_MODEL,
@@ -120,6 +122,13 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
     d.add_argument("--num-workers", type=int, help="DataLoader workers (default: 0 on CPU, up to 8 on GPU)")
     d.add_argument("--no-pretrained", action="store_true", help="random init instead of pretrained weights")
     d.add_argument("--trust-remote-code", action="store_true", help="allow custom code from a Hub model repo")
+    d.add_argument("--image-column", metavar="COLUMN", help="hf: data: the image column (default: the dataset's one "
+                                                             "Image feature)")
+    d.add_argument("--label-column", metavar="COLUMN", help="hf: data: the label column (default: its one ClassLabel "
+                                                             "feature; a plain column's values are the class names)")
+    d.add_argument("--report-to", action="append", default=[], choices=REPORT_TO, dest="report_to",
+                   help="log the run to an experiment tracker (repeatable): tensorboard (event files in RUN/"
+                        "tensorboard) or mlflow ($MLFLOW_TRACKING_URI, else mlruns.db beside the run)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     t = p.add_argument_group("trustworthy results")
     t.add_argument("--target", action="append", default=[], metavar="EXPR", dest="targets",
@@ -155,7 +164,8 @@ def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_epochs", "patience", "head_init", "image_size", "grad_accum", "val_fraction", "test_fraction",
             "splits_from", "group_by", "min_per_class", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha", "mean", "std",
             "budget", "budget_factor", "interpolate", "tta", "refit", "init_from", "old_data", "keep",
-            "replay_fraction", "distill_temperature", "distill_weight", "tasks", "task_weighting", "train_tasks", "folds")
+            "replay_fraction", "distill_temperature", "distill_weight", "tasks", "task_weighting", "train_tasks", "folds",
+            "report_to", "image_column", "label_column")
     kwargs = {k: getattr(args, k) for k in keys}
     kwargs["pretrained"] = not args.no_pretrained
     kwargs["resume"] = args.resume
@@ -172,27 +182,44 @@ def _target_status(args: argparse.Namespace, run: Any) -> int:
     return 1 if args.fail_on_target and missed else 0
 
 
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What `train` runs: its options, and with --config the file's where none was given on the command line."""
+    options = {"data": args.data, "model": args.model, "strategy": args.strategy, "out": args.out,
+               "quiet": args.quiet, "fail_on_target": args.fail_on_target, **_train_kwargs(args)}
+    if not getattr(args, "config", None):
+        if not options["data"]:
+            raise AffinageError("the following argument is required: --data", "pass --data DATA or --config FILE")
+        return options
+    from .configfile import merge, read_config_file
+
+    explicit = {"pretrained" if d == "no_pretrained" else d for d in getattr(args, "explicit", set())}
+    return merge(read_config_file(args.config), options, explicit)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .run import finetune
 
-    if args.folds is not None:  # K child runs and their out-of-fold figures (crossval.py)
+    options = _run_options(args)
+    out, quiet, fail_on_target = options.pop("out"), options.pop("quiet"), options.pop("fail_on_target")
+    args.fail_on_target = fail_on_target
+    if options.get("folds") is not None:  # K child runs and their out-of-fold figures (crossval.py)
         from .crossval import cross_validate
 
-        cv = cross_validate(data=args.data, model=args.model, strategy=args.strategy, out=args.out,
-                            progress=not args.quiet, **_train_kwargs(args))
+        cv = cross_validate(out=out, progress=not quiet, **options)
         final = cv.metrics["cv"]["final"] or {}
         checks = [t for r in cv.metrics["cv"]["per_fold"] for t in r["targets"]] + final.get("targets", [])
-        return 1 if args.fail_on_target and any(not t["passed"] for t in checks) else 0
-    run = finetune(data=args.data, model=args.model, strategy=args.strategy, out=args.out, progress=not args.quiet,
-                   **_train_kwargs(args))
+        return 1 if fail_on_target and any(not t["passed"] for t in checks) else 0
+    run = finetune(out=out, progress=not quiet, **options)
     return _target_status(args, run)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .run import finetune
 
-    run = finetune(data=args.data, model=args.model, strategy=args.strategy, out=args.out, progress=not args.quiet,
-                   **_train_kwargs(args))
+    options = _run_options(args)
+    out, quiet = options.pop("out"), options.pop("quiet")
+    args.fail_on_target = options.pop("fail_on_target")
+    run = finetune(out=out, progress=not quiet, **options)
     print(f"demo done: try `affinage predict {run.path} IMAGE --top-k 3`")
     return _target_status(args, run)
 
@@ -436,6 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    if getattr(args, "config", None):  # which options the command line gave: those override the file's
+        args.explicit = _explicit_options(parser, args.command, list(sys.argv[1:] if argv is None else argv))
     func: Callable[[argparse.Namespace], int] = args.func
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         from .data import PRINTABLE_ERRORS
@@ -449,6 +478,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("affinage: interrupted", file=sys.stderr)
         return 130
+
+
+def _explicit_options(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> set[str]:
+    """The dests of the options present on the command line of `command` (parsed again with no defaults)."""
+    sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = sub_action.choices[command]
+    for action in sub._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    sub._defaults.clear()
+    given, _ = sub.parse_known_args(argv[argv.index(command) + 1:])
+    return set(vars(given))
 
 
 def entry() -> None:
