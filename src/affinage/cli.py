@@ -267,7 +267,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
+    if args.push_to_hub:
+        from .hub import check_repo_id
+
+        if args.format.strip().lower() != "hf":
+            raise AffinageError(f"--push-to-hub uploads an hf export, not {args.format}", "pass --format hf")
+        check_repo_id(args.push_to_hub)  # offline or a malformed id: said before the export starts
     export_run(args.run, args.format, args.out, opset=args.opset)
+    if args.push_to_hub:
+        from .hub import push_folder
+
+        push_folder(args.out, args.push_to_hub, private=args.private)
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from .envinfo import collect, format_env
+
+    info = collect()
+    print(json.dumps(info, indent=2, default=str) if args.json else format_env(info))
     return 0
 
 
@@ -394,7 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "transformers' TimmWrapper) or timm (timm and built-in backbones)")
     p.add_argument("--out", required=True, help="new folder to write (an existing non-empty one is refused)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default: %(default)s)")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="with --format hf: upload the checked folder to this "
+                                                            "Hugging Face Hub model repository (huggingface_hub's login)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("env", help="versions, hardware, accelerate config and caches, to paste into a bug report",
+                       description="Print affinage's environment in one block: package versions, CPU/GPU, "
+                                   "accelerate's config, cache locations and the relevant environment variables.")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("eval", help="re-evaluate a run on its saved test split", description="Reload a run directory "
                        "and re-evaluate it on its test split; reports whether it matches the training-time figures "

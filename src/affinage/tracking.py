@@ -10,12 +10,14 @@ logs to $MLFLOW_TRACKING_URI when set, else to a local store beside the runs (`<
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +143,25 @@ def log_mlflow(root: Path, facts: RunFacts) -> dict[str, Any]:
         raise AffinageError("--report-to mlflow needs the optional package 'mlflow'",
                             "pip install 'affinage[tracking]'") from exc
     uri, artifacts = mlflow_location(root)
-    client = MlflowClient(tracking_uri=uri)
+    with _quiet("mlflow", "alembic"):  # its database migrations log INFO lines
+        client = MlflowClient(tracking_uri=uri)
+        return _mlflow_run(client, uri, artifacts, root, facts, Metric, Param)
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
+def _mlflow_run(client: Any, uri: str, artifacts: str | None, root: Path, facts: RunFacts, Metric: Any,
+                Param: Any) -> dict[str, Any]:  # noqa: N803 - mlflow's entity classes, imported lazily
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
     experiment = client.get_experiment_by_name(name)
     experiment_id = (experiment.experiment_id if experiment is not None
