@@ -1,7 +1,7 @@
 """The pipeline. `finetune` reads as its stages, each a function over typed state, usable alone from Python:
 
     load_data -> choose_backbone -> build_backbone -> attach_old_task -> open_run_dir -> prepare_data
-    -> extract_features -> plan_training -> train_model -> evaluate_model -> write_run
+    -> extract_features -> plan_training -> train_model -> evaluate_model -> write_run -> track_run
 
 (`attach_old_task` matters to `--init-from` runs only: the classifier whose classes are kept, and its old data.)
 
