@@ -53,6 +53,9 @@ def test_train_on_an_hf_dataset_with_other_column_names(hf_dataset: Path, tiny_t
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] > 0.5  # 3 classes: chance is 1/3
     assert main(["eval", str(out), "--json"]) == 0  # eval re-reads the dataset with the saved column names
+    page = (out / "report.html").read_text()  # the gallery reads the thumbnails back through the dataset
+    gallery = page[page.index('id="top-losses"'):page.index("<h3>Most confused")]
+    assert gallery.count("data:image/jpeg;base64,") == gallery.count("<figure>") > 0 and "no file" not in gallery
 
 
 def test_push_to_hub_offline_is_one_line_and_writes_nothing(tiny_run: Path, tmp_path: Path, capsys):

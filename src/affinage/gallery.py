@@ -10,6 +10,7 @@ import html
 import io
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,28 +75,51 @@ def class_examples(pred: Predictions, per_class: int = EXAMPLES_PER_CLASS) -> di
     return out
 
 
-def thumbnail(path: str, base: Path | None = None, size: int = THUMBNAIL) -> str | None:
-    """A data: URI of a small JPEG of the image file (None where the file cannot be read from here)."""
+def thumbnail(source: str | bytes, size: int = THUMBNAIL) -> str | None:
+    """A data: URI of a small JPEG of an image file or its encoded bytes (None where it cannot be read)."""
     from PIL import Image, ImageOps
 
-    for candidate in (Path(path), (base / path) if base is not None else None):
-        if candidate is None or not candidate.is_file():
-            continue
-        try:
-            with Image.open(candidate) as img:
-                img.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale
-                small = ImageOps.exif_transpose(img).convert("RGB")
-                small.thumbnail((size, size))
-                buf = io.BytesIO()
-                small.save(buf, format="JPEG", quality=82)
-            return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-        except (OSError, ValueError, Image.DecompressionBombError):
-            return None
-    return None
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            img.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale
+            small = ImageOps.exif_transpose(img).convert("RGB")
+            small.thumbnail((size, size))
+            buf = io.BytesIO()
+            small.save(buf, format="JPEG", quality=82)
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
-def _figure(path: str, caption: str, base: Path | None) -> str:
-    uri = thumbnail(path, base)
+def image_reader(root: Path, paths: list[str]) -> Callable[[str], str | bytes | None]:
+    """path -> the image file, or its bytes from the run's data source where the keys are not files (hf:
+    datasets, digits: read again through the source named in config.yaml); None where neither works."""
+    if all(Path(p).is_file() for p in paths[:TOP_LOSSES]):
+        return lambda p: p if Path(p).is_file() else None
+    from .data import load_source
+    from .errors import AffinageError
+    from .runfiles import read_config
+
+    config = read_config(root)
+    data = str(config.get("data") or "")
+    if not (data == "digits" or data.startswith("hf:")):
+        return lambda p: p if Path(p).is_file() else None
+    try:
+        images = load_source(data, image_column=config.get("image_column"), label_column=config.get("label_column"))
+    except AffinageError:
+        return lambda p: None
+    by_key = {s.key: s for s in images.samples}
+
+    def read(p: str) -> bytes | None:
+        sample = by_key.get(p)
+        return images.read_bytes(sample) if sample is not None else None
+
+    return read
+
+
+def _figure(path: str, caption: str, read: Callable[[str], str | bytes | None]) -> str:
+    found = read(path)
+    uri = thumbnail(found) if found is not None else None
     name = html.escape(os.path.basename(path))
     img = (f'<img src="{uri}" alt="{name}" title="{html.escape(path)}">' if uri
            else f'<div class="miss" title="{html.escape(path)}">no file</div>')
@@ -109,7 +133,7 @@ def gallery_html(run_dir: str | os.PathLike[str]) -> str:
     if pred is None or not pred.paths:
         return "<p>No test predictions (test_predictions.csv) in this run.</p>"
     metrics = read_metrics(root)
-    base = Path.cwd()
+    base = image_reader(root, pred.paths)
     losses = top_losses(pred)
     figures = "".join(_figure(r.path, f'<span class="{"ok" if r.predicted == r.label else "bad"}">'
                                       f'{html.escape(r.predicted)}</span> '
