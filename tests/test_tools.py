@@ -165,9 +165,11 @@ def test_a_runs_config_yaml_reruns_it_exactly(tracked_run: Path, tmp_path: Path)
 
 def test_config_file_keys_flags_and_refusals(tmp_path: Path):
     file = tmp_path / "c.yaml"
-    file.write_text("data: photos\nbatch-size: 16\nepochs: 3\nno_pretrained: true\nout: runs/x\n")
+    file.write_text("data: photos\nbatch-size: 16\nepochs: 3\nno_pretrained: true\nout: runs/x\nreport_to: mlflow\n"
+                    "models: a, b\n")
     values = read_config_file(file)
-    assert values == {"data": "photos", "batch_size": 16, "epochs": 3, "pretrained": False, "out": "runs/x"}
+    assert values == {"data": "photos", "batch_size": 16, "epochs": 3, "pretrained": False, "out": "runs/x",
+                      "report_to": ["mlflow"], "models": ["a", "b"]}
     merged = merge(values, {"data": None, "epochs": 2, "batch_size": None, "lr": 1e-3}, explicit={"epochs"})
     assert merged["epochs"] == 2 and merged["batch_size"] == 16 and merged["lr"] == 1e-3
     (tmp_path / "c.json").write_text(json.dumps({"data": "photos", "strategy": "full"}))

@@ -53,6 +53,10 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if unknown:
         raise AffinageError(f"unknown key(s) in config file '{file}': {', '.join(unknown)}",
                             f"valid keys: {', '.join(valid_keys())}")
+    lists = {f.name for f in fields(TrainConfig) if f.default_factory is list}  # type: ignore[comparison-overlap]
+    for name in lists & set(out):  # `report_to: mlflow` or `models: a,b` as the command line writes them
+        if isinstance(out[name], str):
+            out[name] = [v.strip() for v in out[name].split(",") if v.strip()]
     return out
 
 

@@ -135,6 +135,9 @@ def gallery_html(run_dir: str | os.PathLike[str]) -> str:
     metrics = read_metrics(root)
     base = image_reader(root, pred.paths)
     losses = top_losses(pred)
+    if not losses:
+        return ("<p>test_predictions.csv has no probability columns (a run written before format 2): retrain to "
+                "see the top losses.</p>")
     figures = "".join(_figure(r.path, f'<span class="{"ok" if r.predicted == r.label else "bad"}">'
                                       f'{html.escape(r.predicted)}</span> '
                                       f'{r.probability:.2f}<br>given {html.escape(r.label)} ({r.label_probability:.2f})'
