@@ -137,17 +137,16 @@ def _wait_for(server: subprocess.Popen, uri: str, seconds: float = 60) -> None:
 
 def test_mlflow_server_receives_the_run(mlflow_server, tracked_run: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch):
-    """The run logged through MLFLOW_TRACKING_URI to a real server and read back over HTTP."""
+    """The run logged (`affinage track`) through MLFLOW_TRACKING_URI to a real server and read back over HTTP."""
     from mlflow import MlflowClient
-
-    from affinage.tracking import log_run
 
     server, uri = mlflow_server
     _wait_for(server, uri)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     copy = tmp_path / "copy"  # tracking.json is rewritten: log a copy of the shared run
     shutil.copytree(tracked_run, copy)
-    where = log_run(copy, ["mlflow"], log=lambda _: None)["mlflow"]
+    assert main(["track", str(copy), "--report-to", "mlflow"]) == 0  # an earlier run, logged afterwards
+    where = json.loads((copy / "tracking.json").read_text())["mlflow"]
     assert where["tracking_uri"] == uri
     _check_mlflow_run(MlflowClient(tracking_uri=uri), where["run_id"], copy)
 

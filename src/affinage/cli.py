@@ -281,6 +281,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_track(args: argparse.Namespace) -> int:
+    from .runfiles import is_finished
+    from .tracking import log_run
+
+    trackers = [t for t in args.report_to if t != "none"]
+    if not trackers:
+        raise AffinageError("no tracker named", "pass --report-to tensorboard and/or --report-to mlflow")
+    if not is_finished(args.run):
+        raise AffinageError(f"'{args.run}' is not a finished affinage run", "pass the --out directory of a completed run")
+    log_run(args.run, trackers)
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     from .envinfo import collect, format_env
 
@@ -416,6 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "Hugging Face Hub model repository (huggingface_hub's login)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("track", help="log a finished run to TensorBoard / MLflow (as train --report-to does)",
+                       description="Log a finished run directory to experiment trackers: per-epoch curves, config, "
+                                   "test figures, footprint and (MLflow) its files as artifacts, read from the "
+                                   "directory alone.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--report-to", action="append", default=[], choices=REPORT_TO, dest="report_to", required=True,
+                   help="tensorboard (RUN/tensorboard) or mlflow ($MLFLOW_TRACKING_URI, else mlruns.db beside the "
+                        "run); repeatable")
+    p.set_defaults(func=cmd_track)
 
     p = sub.add_parser("env", help="versions, hardware, accelerate config and caches, to paste into a bug report",
                        description="Print affinage's environment in one block: package versions, CPU/GPU, "
