@@ -151,6 +151,20 @@ def test_mlflow_server_receives_the_run(mlflow_server, tracked_run: Path, tmp_pa
     _check_mlflow_run(MlflowClient(tracking_uri=uri), where["run_id"], copy)
 
 
+def test_an_unreachable_tracking_server_is_one_line(tracked_run: Path, tmp_path: Path, monkeypatch, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(tracked_run, copy)
+    (copy / "tracking.json").unlink()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    assert main(["track", str(copy), "--report-to", "tensorboard", "--report-to", "mlflow"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is complete, but logging it to mlflow failed" in err
+    assert f"affinage track {copy} --report-to mlflow" in err
+    assert list(json.loads((copy / "tracking.json").read_text())) == ["tensorboard"]  # what did succeed is said
+
+
 def test_a_runs_config_yaml_reruns_it_exactly(tracked_run: Path, tmp_path: Path):
     """`affinage train --config RUN/config.yaml --out NEW`: the same test block; a flag overrides the file."""
     out = tmp_path / "again"

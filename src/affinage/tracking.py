@@ -48,17 +48,33 @@ def log_run(run_dir: str | os.PathLike[str], report_to: Sequence[str],
     check_trackers(report_to)
     facts = RunFacts.read(root)
     where: dict[str, Any] = {}
-    if "tensorboard" in report_to:
-        where["tensorboard"] = log_tensorboard(root, facts)
-        log(f"tensorboard: {len(facts.history)} history rows -> {where['tensorboard']['logdir']} "
-            f"(tensorboard --logdir {where['tensorboard']['logdir']})")
-    if "mlflow" in report_to:
-        where["mlflow"] = log_mlflow(root, facts)
-        log(f"mlflow: run {where['mlflow']['run_id']} in experiment '{where['mlflow']['experiment']}' at "
-            f"{where['mlflow']['tracking_uri']}")
-    if where:
-        write_json(root / TRACKING_FILE, where)
+    try:
+        if "tensorboard" in report_to:
+            where["tensorboard"] = log_tensorboard(root, facts)
+            log(f"tensorboard: {len(facts.history)} history rows -> {where['tensorboard']['logdir']} "
+                f"(tensorboard --logdir {where['tensorboard']['logdir']})")
+        if "mlflow" in report_to:
+            where["mlflow"] = _failing_as_one_line(root, "mlflow", lambda: log_mlflow(root, facts))
+            log(f"mlflow: run {where['mlflow']['run_id']} in experiment '{where['mlflow']['experiment']}' at "
+                f"{where['mlflow']['tracking_uri']}")
+    finally:
+        if where:
+            write_json(root / TRACKING_FILE, where)
     return where
+
+
+def _failing_as_one_line(root: Path, tracker: str, call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A tracker that cannot be reached (server down, bad URI) fails with one line; the run itself is complete."""
+    try:
+        return call()
+    except AffinageError:
+        raise
+    except Exception as exc:  # MlflowException, connection errors after the client's retries
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise AffinageError(f"the run in '{root}' is complete, but logging it to {tracker} failed "
+                            f"({type(exc).__name__}: {first})",
+                            f"check {'MLFLOW_TRACKING_URI' if tracker == 'mlflow' else 'the tracker'}, then "
+                            f"`affinage track {root} --report-to {tracker}`") from None
 
 
 class RunFacts:
