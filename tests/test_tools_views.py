@@ -35,6 +35,25 @@ def test_top_losses_and_most_confused_by_hand():
     assert most_confused(cm, ["a", "b", "c"]) == [("b", "c", 3), ("a", "b", 2), ("c", "a", 1)]
 
 
+def test_thumbnails_of_relative_paths_are_found_from_elsewhere(tmp_path: Path, monkeypatch):
+    """A run started in a project folder keeps relative paths; `affinage report`/`serve` started elsewhere find the
+    files from the run directory's parents."""
+    from PIL import Image
+
+    from affinage.gallery import image_reader, thumbnail
+
+    (tmp_path / "project" / "photos").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "project" / "photos" / "a.png")
+    run = tmp_path / "project" / "runs" / "r"
+    run.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    found = image_reader(run, ["photos/a.png"])("photos/a.png")
+    assert found == str(tmp_path / "project" / "photos" / "a.png")
+    assert thumbnail(found).startswith("data:image/jpeg;base64,")
+    assert image_reader(run, ["photos/missing.png"])("photos/missing.png") is None
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no browser at /usr/bin/chromium (apt-get install -y chromium)")
 def test_report_gallery_renders_in_chromium(tiny_run: Path, tmp_path: Path):
     from playwright.sync_api import sync_playwright

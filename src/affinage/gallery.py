@@ -93,9 +93,20 @@ def thumbnail(source: str | bytes, size: int = THUMBNAIL) -> str | None:
 
 def image_reader(root: Path, paths: list[str]) -> Callable[[str], str | bytes | None]:
     """path -> the image file, or its bytes from the run's data source where the keys are not files (hf:
-    datasets, digits: read again through the source named in config.yaml); None where neither works."""
-    if all(Path(p).is_file() for p in paths[:TOP_LOSSES]):
-        return lambda p: p if Path(p).is_file() else None
+    datasets, digits: read again through the source named in config.yaml); None where neither works. A relative
+    path is relative to where the run was started: tried from here, then from the run directory and its parents
+    (`affinage report` / `serve` started elsewhere)."""
+    def locate(p: str) -> str | None:
+        path = Path(p)
+        if path.is_file():
+            return p
+        if path.is_absolute():
+            return None
+        return next((str(base / path) for base in (root.resolve(), *root.resolve().parents)
+                     if (base / path).is_file()), None)
+
+    if any(locate(p) for p in paths[:TOP_LOSSES]):
+        return locate
     from .data import load_source
     from .errors import AffinageError
     from .runfiles import read_config
@@ -103,7 +114,7 @@ def image_reader(root: Path, paths: list[str]) -> Callable[[str], str | bytes | 
     config = read_config(root)
     data = str(config.get("data") or "")
     if not (data == "digits" or data.startswith("hf:")):
-        return lambda p: p if Path(p).is_file() else None
+        return locate
     try:
         images = load_source(data, image_column=config.get("image_column"), label_column=config.get("label_column"))
     except AffinageError:
