@@ -92,6 +92,7 @@ def test_mlflow_local_store_beside_the_runs_holds_the_run(tracked_run: Path):
 
     where = json.loads((tracked_run / "tracking.json").read_text())["mlflow"]
     assert where["tracking_uri"] == f"sqlite:///{tracked_run.parent.resolve() / 'mlruns.db'}"
+    assert any((tracked_run.parent / "mlartifacts").rglob("model.safetensors"))  # artifacts beside the runs too
     _check_mlflow_run(MlflowClient(tracking_uri=where["tracking_uri"]), where["run_id"], tracked_run)
 
 
