@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .config import AUGMENT_PRESETS, COMPARE_STRATEGIES, KEEP_MODES, PRECISIONS, STRATEGY_NAMES
+from .config import AUGMENT_PRESETS, COMPARE_STRATEGIES, KEEP_MODES, PRECISIONS, REPORT_TO, STRATEGY_NAMES
 from .errors import AffinageError
 
 DEMO_DATA = "digits"
@@ -21,7 +21,9 @@ DEMO_PRESET = {"strategy": "full", "image_size": 128, "train_image_size": 128, "
 # long-function: one declaration per `train` option, grouped as --help prints them
 def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     g = p.add_argument_group("what to train")
-    g.add_argument("--data", required=data_required, default=None if data_required else DEMO_DATA,
+    g.add_argument("--config", metavar="FILE", help="YAML or JSON file of these options (TrainConfig's field names, "
+                                                    "e.g. a run's own config.yaml); options given here override it")
+    g.add_argument("--data", default=None if data_required else DEMO_DATA,  # required, unless --config gives it
                    help="a folder of class subfolders, a folder with train/val[/test] subfolders, a CSV "
                         "(path,label[,split][,group]), hf:<dataset id>[:config], or 'digits'")
     g.add_argument("--model", default=DEMO_MODEL,
@@ -123,6 +125,13 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
     d.add_argument("--num-workers", type=int, help="DataLoader workers (default: 0 on CPU, up to 8 on GPU)")
     d.add_argument("--no-pretrained", action="store_true", help="random init instead of pretrained weights")
     d.add_argument("--trust-remote-code", action="store_true", help="allow custom code from a Hub model repo")
+    d.add_argument("--image-column", metavar="COLUMN", help="hf: data: the image column (default: the dataset's one "
+                                                             "Image feature)")
+    d.add_argument("--label-column", metavar="COLUMN", help="hf: data: the label column (default: its one ClassLabel "
+                                                             "feature; a plain column's values are the class names)")
+    d.add_argument("--report-to", action="append", default=[], choices=REPORT_TO, dest="report_to",
+                   help="log the run to an experiment tracker (repeatable): tensorboard (event files in RUN/"
+                        "tensorboard) or mlflow ($MLFLOW_TRACKING_URI, else mlruns.db beside the run)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     t = p.add_argument_group("trustworthy results")
     t.add_argument("--target", action="append", default=[], metavar="EXPR", dest="targets",
@@ -158,7 +167,8 @@ def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_epochs", "patience", "head_init", "image_size", "grad_accum", "val_fraction", "test_fraction",
             "splits_from", "group_by", "min_per_class", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha", "mean", "std",
             "budget", "budget_factor", "interpolate", "tta", "refit", "init_from", "old_data", "keep",
-            "replay_fraction", "distill_temperature", "distill_weight", "tasks", "task_weighting", "train_tasks", "unknown_values", "folds")
+            "replay_fraction", "distill_temperature", "distill_weight", "tasks", "task_weighting", "train_tasks",
+            "unknown_values", "folds", "report_to", "image_column", "label_column")
     kwargs = {k: getattr(args, k) for k in keys}
     kwargs["pretrained"] = not args.no_pretrained
     kwargs["resume"] = args.resume
@@ -175,27 +185,44 @@ def _target_status(args: argparse.Namespace, run: Any) -> int:
     return 1 if args.fail_on_target and missed else 0
 
 
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What `train` runs: its options, and with --config the file's where none was given on the command line."""
+    options = {"data": args.data, "model": args.model, "strategy": args.strategy, "out": args.out,
+               "quiet": args.quiet, "fail_on_target": args.fail_on_target, **_train_kwargs(args)}
+    if not getattr(args, "config", None):
+        if not options["data"]:
+            raise AffinageError("the following argument is required: --data", "pass --data DATA or --config FILE")
+        return options
+    from .configfile import merge, read_config_file
+
+    explicit = {"pretrained" if d == "no_pretrained" else d for d in getattr(args, "explicit", set())}
+    return merge(read_config_file(args.config), options, explicit)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .run import finetune
 
-    if args.folds is not None:  # K child runs and their out-of-fold figures (crossval.py)
+    options = _run_options(args)
+    out, quiet, fail_on_target = options.pop("out"), options.pop("quiet"), options.pop("fail_on_target")
+    args.fail_on_target = fail_on_target
+    if options.get("folds") is not None:  # K child runs and their out-of-fold figures (crossval.py)
         from .crossval import cross_validate
 
-        cv = cross_validate(data=args.data, model=args.model, strategy=args.strategy, out=args.out,
-                            progress=not args.quiet, **_train_kwargs(args))
+        cv = cross_validate(out=out, progress=not quiet, **options)
         final = cv.metrics["cv"]["final"] or {}
         checks = [t for r in cv.metrics["cv"]["per_fold"] for t in r["targets"]] + final.get("targets", [])
-        return 1 if args.fail_on_target and any(not t["passed"] for t in checks) else 0
-    run = finetune(data=args.data, model=args.model, strategy=args.strategy, out=args.out, progress=not args.quiet,
-                   **_train_kwargs(args))
+        return 1 if fail_on_target and any(not t["passed"] for t in checks) else 0
+    run = finetune(out=out, progress=not quiet, **options)
     return _target_status(args, run)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .run import finetune
 
-    run = finetune(data=args.data, model=args.model, strategy=args.strategy, out=args.out, progress=not args.quiet,
-                   **_train_kwargs(args))
+    options = _run_options(args)
+    out, quiet = options.pop("out"), options.pop("quiet")
+    args.fail_on_target = options.pop("fail_on_target")
+    run = finetune(out=out, progress=not quiet, **options)
     print(f"demo done: try `affinage predict {run.path} IMAGE --top-k 3`")
     return _target_status(args, run)
 
@@ -243,7 +270,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
+    if args.push_to_hub:
+        from .hub import check_repo_id
+
+        if args.format.strip().lower() != "hf":
+            raise AffinageError(f"--push-to-hub uploads an hf export, not {args.format}", "pass --format hf")
+        check_repo_id(args.push_to_hub)  # offline or a malformed id: said before the export starts
     export_run(args.run, args.format, args.out, opset=args.opset)
+    if args.push_to_hub:
+        from .hub import push_folder
+
+        push_folder(args.out, args.push_to_hub, private=args.private)
+    return 0
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    from .runfiles import is_finished
+    from .tracking import log_run
+
+    trackers = [t for t in args.report_to if t != "none"]
+    if not trackers:
+        raise AffinageError("no tracker named", "pass --report-to tensorboard and/or --report-to mlflow")
+    if not is_finished(args.run):
+        raise AffinageError(f"'{args.run}' is not a finished affinage run", "pass the --out directory of a completed run")
+    log_run(args.run, trackers)
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from .envinfo import collect, format_env
+
+    info = collect()
+    print(json.dumps(info, indent=2, default=str) if args.json else format_env(info))
     return 0
 
 
@@ -370,7 +428,26 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "transformers' TimmWrapper) or timm (timm and built-in backbones)")
     p.add_argument("--out", required=True, help="new folder to write (an existing non-empty one is refused)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default: %(default)s)")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="with --format hf: upload the checked folder to this "
+                                                            "Hugging Face Hub model repository (huggingface_hub's login)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("track", help="log a finished run to TensorBoard / MLflow (as train --report-to does)",
+                       description="Log a finished run directory to experiment trackers: per-epoch curves, config, "
+                                   "test figures, footprint and (MLflow) its files as artifacts, read from the "
+                                   "directory alone.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--report-to", action="append", default=[], choices=REPORT_TO, dest="report_to", required=True,
+                   help="tensorboard (RUN/tensorboard) or mlflow ($MLFLOW_TRACKING_URI, else mlruns.db beside the "
+                        "run); repeatable")
+    p.set_defaults(func=cmd_track)
+
+    p = sub.add_parser("env", help="versions, hardware, accelerate config and caches, to paste into a bug report",
+                       description="Print affinage's environment in one block: package versions, CPU/GPU, "
+                                   "accelerate's config, cache locations and the relevant environment variables.")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("eval", help="re-evaluate a run on its saved test split", description="Reload a run directory "
                        "and re-evaluate it on its test split; reports whether it matches the training-time figures "
@@ -439,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    if getattr(args, "config", None):  # which options the command line gave: those override the file's
+        args.explicit = _explicit_options(parser, args.command, list(sys.argv[1:] if argv is None else argv))
     func: Callable[[argparse.Namespace], int] = args.func
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         from .data import PRINTABLE_ERRORS
@@ -452,6 +531,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("affinage: interrupted", file=sys.stderr)
         return 130
+
+
+def _explicit_options(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> set[str]:
+    """The dests of the options present on the command line of `command` (parsed again with no defaults)."""
+    sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = sub_action.choices[command]
+    for action in sub._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    sub._defaults.clear()
+    given, _ = sub.parse_known_args(argv[argv.index(command) + 1:])
+    return set(vars(given))
 
 
 def entry() -> None:

@@ -33,6 +33,7 @@ def check_strategy(name: str) -> str:
 
 TASK_WEIGHTINGS = ("equal", "uncertainty")  # --task-weighting: how the task losses of a multi-task run are summed
 KEEP_MODES = ("none", "replay", "distill", "replay+distill")  # --keep: how an --init-from run keeps the old task
+REPORT_TO = ("none", "tensorboard", "mlflow")  # --report-to: experiment trackers the finished run is logged to
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,10 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     # k-fold cross-validation and few-shot (issue #13, crossval.py)
     folds: int | None = None  # K stratified folds, K child runs, out-of-fold figures; None: one train/val/test split
+    # issue #16: where else the run is logged, and the columns of an hf: dataset
+    report_to: list[str] = field(default_factory=list)  # tensorboard, mlflow (tracking.py); [] or ["none"]: nowhere
+    image_column: str | None = None  # hf: data: the image column (None: the dataset's one Image feature)
+    label_column: str | None = None  # hf: data: the label column (None: its one ClassLabel feature)
 
     def __post_init__(self) -> None:
         from .targets import parse_targets
@@ -126,6 +131,7 @@ class TrainConfig:
             raise AffinageError(f"budget_factor must be > 0, got {self.budget_factor}", "pass e.g. --budget-factor 20")
         self._check_keep()
         self._check_tasks()
+        self._check_report_to()
         self._check_folds()
         if self.min_per_class is not None and self.min_per_class < 1:
             raise AffinageError(f"min_per_class must be >= 1, got {self.min_per_class}", "pass e.g. --min-per-class 3")
@@ -185,6 +191,15 @@ class TrainConfig:
         if len(self.tasks) > 1 and self.init_from is not None:
             raise AffinageError("--init-from with several --task is not supported",
                                 "extend a single-task model (one --task), or train the tasks without --init-from")
+
+    def _check_report_to(self) -> None:
+        names = [n.strip().lower() for n in self.report_to]
+        unknown = [n for n in names if n not in REPORT_TO]
+        if unknown:
+            raise AffinageError(f"unknown --report-to '{unknown[0]}'", f"choose among {', '.join(REPORT_TO)} (repeatable)")
+        if "none" in names and len(set(names)) > 1:
+            raise AffinageError("--report-to none cannot be combined with a tracker", "drop 'none' or the others")
+        object.__setattr__(self, "report_to", list(dict.fromkeys(n for n in names if n != "none")))
 
     def _check_keep(self) -> None:
         if self.keep is not None and self.keep not in KEEP_MODES:

@@ -231,7 +231,7 @@ def _shared_stage(cfg: TrainConfig, progress: bool, log: Callable[[str], None]) 
 
     footprint = FootprintTracker(cfg.country, cfg.water_l_per_kwh).start()
     t0 = time.perf_counter()
-    images = load_source(cfg.data, cfg.group_by, cfg.tasks)  # several --task: the folds are the first task's
+    images = load_source(cfg.data, cfg.group_by, cfg.tasks, cfg.image_column, cfg.label_column)  # several --task: the folds are the first task's
     if len(cfg.tasks) < 2:  # (a `task:` target is checked by the child runs, which know every task's classes)
         parse_targets(cfg.targets, images.classes)
     frozen = _main_strategy(cfg, True) if cfg.strategy == "auto" else cfg.strategy  # a card where one is cached

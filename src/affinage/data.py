@@ -120,9 +120,14 @@ def printable(text: str) -> str:
     return text.encode("utf-8", PRINTABLE_ERRORS).decode("utf-8")
 
 
-def load_source(spec: str, group_by: str | None = None, tasks: Sequence[str] = ()) -> LabelledImages:
+def load_source(spec: str, group_by: str | None = None, tasks: Sequence[str] = (), image_column: str | None = None,
+                label_column: str | None = None) -> LabelledImages:
     """Resolve a data spec: a class-folder tree, a train/val[/test] tree, a CSV, `hf:<id>[:config]` or `digits`.
-    `tasks`: the CSV's label columns to read (default its `label` column); the first one is each sample's label."""
+    `tasks`: the CSV's label columns to read (default its `label` column); the first one is each sample's label.
+    `image_column` / `label_column`: an hf: dataset's columns (default: its one Image and one ClassLabel feature)."""
+    if (image_column or label_column) and not spec.startswith("hf:"):
+        raise AffinageError(f"--{'image' if image_column else 'label'}-column applies to hf: datasets, not '{spec}'",
+                            "drop it (a CSV's columns are path,label[,split][,group]; --task names other label columns)")
     if tasks and list(tasks) != ["label"] and (spec == "digits" or spec.startswith("hf:") or
                                                not Path(spec).expanduser().is_file()):
         raise AffinageError(f"--task {' --task '.join(tasks)} needs a CSV with those columns; '{spec}' is not a CSV",
@@ -130,7 +135,7 @@ def load_source(spec: str, group_by: str | None = None, tasks: Sequence[str] = (
     if spec == "digits":
         images = _load_digits()
     elif spec.startswith("hf:"):
-        images = _load_hf_dataset(spec[3:])
+        images = _load_hf_dataset(spec[3:], image_column, label_column)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
@@ -325,7 +330,32 @@ def _load_digits() -> LabelledImages:
                           lambda s: encoded[int(s.key.split("/")[1])])
 
 
-def _load_hf_dataset(spec: str) -> LabelledImages:
+def _hf_columns(features: dict[str, Any], name: str, image_column: str | None,
+                label_column: str | None) -> tuple[str, str, list[str] | None]:
+    """The image and label columns of an hf: dataset (given, or its one Image / ClassLabel feature) and the class
+    names (None: a plain label column, whose values are the names)."""
+    import datasets
+
+    def pick(given: str | None, kind: type, option: str, what: str) -> str:
+        if given is not None:
+            if given not in features:
+                raise AffinageError(f"dataset '{name}' has no column '{given}' (--{option}); its columns: "
+                                    f"{', '.join(features)}", f"pass --{option} with one of them")
+            return given
+        found = [k for k, f in features.items() if isinstance(f, kind)]
+        if len(found) != 1:
+            described = ", ".join(f"{k} ({type(f).__name__})" for k, f in features.items())
+            raise AffinageError(f"dataset '{name}' has {'no' if not found else 'several'} {what} column(s) "
+                                f"({described})", f"name it: --{option} COLUMN")
+        return found[0]
+
+    image_col = pick(image_column, datasets.Image, "image-column", "Image")
+    label_col = pick(label_column, datasets.ClassLabel, "label-column", "ClassLabel")
+    feature = features[label_col]
+    return image_col, label_col, list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def _load_hf_dataset(spec: str, image_column: str | None = None, label_column: str | None = None) -> LabelledImages:
     """`<id>[:config]` from the Hub, or a local folder written by `datasets.save_to_disk`."""
     try:
         import datasets
@@ -345,12 +375,7 @@ def _load_hf_dataset(spec: str) -> LabelledImages:
         name = spec
     splits = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
     first = next(iter(splits.values()))
-    image_col = next((k for k, f in first.features.items() if isinstance(f, datasets.Image)), None)
-    label_col = next((k for k, f in first.features.items() if isinstance(f, datasets.ClassLabel)), None)
-    if image_col is None or label_col is None:
-        raise AffinageError(f"dataset '{name}' needs an Image column and a ClassLabel column; it has {dict(first.features)}",
-                            "cast the columns with dataset.cast_column(...)")
-    names = first.features[label_col].names
+    image_col, label_col, names = _hf_columns(dict(first.features), name, image_column, label_column)
     unknown = [n for n in splits if n.lower() not in SPLIT_ALIASES]
     if len(unknown) == len(splits):
         raise AffinageError(f"dataset '{name}' has split(s) {unknown}, none of them train, val or test",
@@ -368,10 +393,10 @@ def _load_hf_dataset(spec: str) -> LabelledImages:
         raw[split_name] = ds
         unlabelled = 0
         for i, label in enumerate(ds[label_col]):
-            if label is None or label < 0:  # ClassLabel -1: no label (many Hub test splits)
+            if label is None or (names is not None and label < 0) or str(label) == "":  # ClassLabel -1: no label
                 unlabelled += 1
             else:
-                samples.append(Sample(f"hf/{split_name}/{i}", names[label], split))
+                samples.append(Sample(f"hf/{split_name}/{i}", names[label] if names is not None else str(label), split))
         if unlabelled:
             skipped.append((f"hf/{split_name}", f"{unlabelled:,} image(s) of split '{split_name}' have no label (-1): "
                                                 "left out"))

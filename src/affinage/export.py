@@ -201,7 +201,8 @@ def _in_memory_test_images(run: Run, limit: int, skipped: list[tuple[str, str]])
     if not (data == "digits" or data.startswith("hf:")):
         return []
     try:
-        images = load_source(data)
+        images = load_source(data, image_column=run.config.get("image_column"),
+                             label_column=run.config.get("label_column"))
         test = read_split_lists(run.path / "splits", images.samples).test
     except AffinageError as exc:
         skipped.append((data, f"its test images cannot be read here: {exc.problem}"))

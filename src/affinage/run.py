@@ -1,7 +1,7 @@
 """The pipeline. `finetune` reads as its stages, each a function over typed state, usable alone from Python:
 
     load_data -> choose_backbone -> build_backbone -> attach_old_task -> open_run_dir -> prepare_data
-    -> extract_features -> plan_training -> train_model -> evaluate_model -> write_run
+    -> extract_features -> plan_training -> train_model -> evaluate_model -> write_run -> track_run
 
 (`attach_old_task` matters to `--init-from` runs only: the classifier whose classes are kept, and its old data.)
 
@@ -62,7 +62,7 @@ from .seeding import seeded, stage_seed
 from .storage import digest
 
 __all__ = ["finetune", "Run", "evaluate_run", "load_data", "choose_backbone", "build_backbone", "open_run_dir", "prepare_data",
-           "extract_features", "plan_training", "train_model", "evaluate_model", "write_run"]
+           "extract_features", "plan_training", "train_model", "evaluate_model", "write_run", "track_run"]
 
 
 def _say(msg: str) -> None:
@@ -180,8 +180,9 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "auto
         plan = plan_training(cfg, backbone, prepared, features, plan, log)
         plan, trained = train_model(cfg, plan, backbone, prepared, features, run_dir, progress, log)
         evaluation = evaluate_model(plan, trained, prepared, features, progress)
-        return write_run(run_dir, cfg, images, backbone, prepared, features, plan, trained, evaluation,
-                         footprint, started, log)
+        run = write_run(run_dir, cfg, images, backbone, prepared, features, plan, trained, evaluation,
+                        footprint, started, log)
+        return track_run(cfg, run, log)
     finally:
         if footprint is not None:
             footprint.stop()
@@ -199,8 +200,10 @@ def load_data(cfg: TrainConfig) -> LabelledImages:
     or an unknown class fails now, before any run directory exists)."""
     from .keep import PRETRAINED
     from .targets import parse_targets
+    from .tracking import check_trackers
 
-    images = load_source(cfg.data, cfg.group_by, cfg.tasks)
+    check_trackers(cfg.report_to)  # a missing tracker library fails now, not after the training
+    images = load_source(cfg.data, cfg.group_by, cfg.tasks, cfg.image_column, cfg.label_column)
     if cfg.init_from is None or cfg.init_from == PRETRAINED:  # (a run's old classes may be named too: checked later)
         parse_targets(cfg.targets, images.classes, _task_classes(images))  # a class named in --target must exist
     if cfg.min_per_class is None:  # classes too small to split even if every file decodes: refused before any run dir
@@ -531,6 +534,15 @@ def write_run(run_dir: Path, cfg: TrainConfig, images: LabelledImages, backbone:
     return run
 
 
+def track_run(cfg: TrainConfig, run: Run, log: Callable[[str], None]) -> Run:
+    """`--report-to`: the finished run directory logged to TensorBoard / MLflow (main process only)."""
+    if cfg.report_to and dist.is_main():
+        from .tracking import log_run
+
+        log_run(run.path, cfg.report_to, log)
+    return run
+
+
 # ----------------------------------------------------------------------------------------------
 # Pieces of the stages
 # ----------------------------------------------------------------------------------------------
@@ -827,7 +839,7 @@ def evaluate_run(path: str | os.PathLike[str], progress: bool = True) -> dict[st
 
     run = Run.load(path)
     cfg = TrainConfig.from_dict(run.config)
-    images = load_source(cfg.data, cfg.group_by, cfg.tasks)
+    images = load_source(cfg.data, cfg.group_by, cfg.tasks, cfg.image_column, cfg.label_column)
     decoded = decode_all(images, run.preprocessing, progress=progress)
     splits = read_split_lists(run.path / "splits", decoded.samples, decoded.hashes, complete=False)
     y = np.array(run.labels.indices(decoded.samples[i].label for i in splits.test))

@@ -33,6 +33,12 @@ class Run:
         info = read_model_info(root)
         return cls(root, read_config(root), read_metrics(root), info)
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view of a run: headline metrics, learning curves and confusion matrix (notebook.py)."""
+        from .notebook import run_html
+
+        return run_html(self.path, self.metrics)
+
     @property
     def labels(self) -> LabelSpace:
         return self.info.labels

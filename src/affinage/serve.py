@@ -160,6 +160,10 @@ def build_app(run: Run | str | os.PathLike[str], top_k: int = 5, max_upload_mb: 
         named = "; ".join(f"{s.task}: {', '.join(s.classes)}" for s in tasks) if len(tasks) > 1 else ", ".join(classes)
         gr.Markdown(f"Classes: {named}. The model always answers with one of these, even for a photo "
                     f"of something else. Uploads up to {max_upload_mb:g} MB.")
+        with gr.Accordion("What the model gets wrong (its test split)", open=False, elem_id="gallery"):
+            from .gallery import gallery_page
+
+            gr.HTML(gallery_page(run.path), elem_id="gallery-html")
         image.change(predict, inputs=image, outputs=labels[0] if len(tasks) == 1 else labels, api_name="predict",
                      preprocess=False,
                      concurrency_limit=concurrency, show_progress="minimal")
