@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from .data import printable
 from .runfiles import Predictions, read_metrics, read_predictions
+
+
+def _h(text: str) -> str:
+    """HTML-escaped and printable: a non-UTF-8 file or class name (surrogate escapes) cannot go into UTF-8 HTML."""
+    return html.escape(printable(text))
 
 TOP_LOSSES = 16
 CONFUSED_PAIRS = 10
@@ -131,9 +137,9 @@ def image_reader(root: Path, paths: list[str]) -> Callable[[str], str | bytes | 
 def _figure(path: str, caption: str, read: Callable[[str], str | bytes | None]) -> str:
     found = read(path)
     uri = thumbnail(found) if found is not None else None
-    name = html.escape(os.path.basename(path))
-    img = (f'<img src="{uri}" alt="{name}" title="{html.escape(path)}">' if uri
-           else f'<div class="miss" title="{html.escape(path)}">no file</div>')
+    name = _h(os.path.basename(path))  # a non-UTF-8 file name cannot go into UTF-8 HTML raw
+    img = (f'<img src="{uri}" alt="{name}" title="{_h(path)}">' if uri
+           else f'<div class="miss" title="{_h(path)}">no file</div>')
     return f"<figure>{img}<figcaption>{caption}</figcaption></figure>"
 
 
@@ -150,8 +156,8 @@ def gallery_html(run_dir: str | os.PathLike[str]) -> str:
         return ("<p>test_predictions.csv has no probability columns (a run written before format 2): retrain to "
                 "see the top losses.</p>")
     figures = "".join(_figure(r.path, f'<span class="{"ok" if r.predicted == r.label else "bad"}">'
-                                      f'{html.escape(r.predicted)}</span> '
-                                      f'{r.probability:.2f}<br>given {html.escape(r.label)} ({r.label_probability:.2f})'
+                                      f'{_h(r.predicted)}</span> '
+                                      f'{r.probability:.2f}<br>given {_h(r.label)} ({r.label_probability:.2f})'
                                       f"<br>loss {r.loss:.2f}", base) for r in losses)
     wrong = sum(r.label != r.predicted for r in losses)
     parts = [f"<h3>Top losses</h3><p>The {len(losses)} test images with the highest loss ({wrong} misclassified): "
@@ -161,7 +167,7 @@ def gallery_html(run_dir: str | os.PathLike[str]) -> str:
     classes = metrics.get("data", {}).get("classes") or pred.classes or []
     if test.get("confusion_matrix") and classes:
         pairs = most_confused(test["confusion_matrix"], list(classes))
-        rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(p)}</td><td class=num>{n}</td></tr>"
+        rows = "".join(f"<tr><td>{_h(a)}</td><td>{_h(p)}</td><td class=num>{n}</td></tr>"
                        for a, p, n in pairs)
         parts.append("<h3>Most confused</h3>" + (f"<table id=\"most-confused\"><tr><th>actual</th><th>predicted as"
                                                  f"</th><th>test images</th></tr>{rows}</table>" if pairs
@@ -171,9 +177,9 @@ def gallery_html(run_dir: str | os.PathLike[str]) -> str:
     rows_html = []
     for cls, idx in shown:
         figs = "".join(_figure(pred.paths[i], f'<span class="{"ok" if pred.predicted[i] == cls else "bad"}">'
-                                              f"{html.escape(pred.predicted[i])}</span> {pred.confidence[i]:.2f}", base)
+                                              f"{_h(pred.predicted[i])}</span> {pred.confidence[i]:.2f}", base)
                        for i in idx)
-        rows_html.append(f'<div class="exrow"><b>{html.escape(cls)}</b><div class="gal">{figs}</div></div>')
+        rows_html.append(f'<div class="exrow"><b>{_h(cls)}</b><div class="gal">{figs}</div></div>')
     more = f" (the first {MAX_CLASSES_SHOWN} of {len(examples)} classes)" if len(examples) > MAX_CLASSES_SHOWN else ""
     parts.append(f"<h3>Examples per class</h3><p>A few test images of each class{more}, with the prediction.</p>"
                  + "".join(rows_html))
