@@ -126,7 +126,9 @@ def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[s
         name = name if solo is None else f"{strategy} alone={solo}"
         run_dir = root / "runs" / _slug(name)
         cmd = [sys.executable, "-m", "affinage.cli", "train", "--data", data, "--model", model, "--strategy", strategy,
-               "--out", str(run_dir), "--seed", str(seed), *train_args, *(["--keep", mode] if mode else []),
+               "--out", str(run_dir), "--seed", str(seed), *train_args,
+               *([] if "--audit" in train_args else ["--audit", "off"]),  # audited once by the user, not per row
+               *(["--keep", mode] if mode else []),
                *task_args, *(["--train-task", solo] if solo else []),
                *(["--folds", str(folds)] if folds is not None else [])]
         for t in targets:

@@ -97,6 +97,10 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     # k-fold cross-validation and few-shot (issue #13, crossval.py)
     folds: int | None = None  # K stratified folds, K child runs, out-of-fold figures; None: one train/val/test split
+    # the data audit (issue #14, audit.py / balance.py)
+    audit: str = "auto"  # auto: on the run's cached features where the data has <= audit.AUTO_MAX_IMAGES images; on; off
+    exclude: str | None = None  # a CSV (path or sha column) or text file of paths / content hashes to leave out
+    balance: str = "none"  # none | weights (class-weighted loss, probe class_weight='balanced') | sampler
 
     def __post_init__(self) -> None:
         from .targets import parse_targets
@@ -126,6 +130,7 @@ class TrainConfig:
         self._check_keep()
         self._check_tasks()
         self._check_folds()
+        self._check_audit()
         if self.min_per_class is not None and self.min_per_class < 1:
             raise AffinageError(f"min_per_class must be >= 1, got {self.min_per_class}", "pass e.g. --min-per-class 3")
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -213,6 +218,15 @@ class TrainConfig:
         for value, option, fix in clashes:
             if value:
                 raise AffinageError(f"--folds cannot be combined with {option}", f"drop one of them: {fix}")
+
+    def _check_audit(self) -> None:
+        from .balance import check_balance
+
+        if self.audit not in ("auto", "on", "off"):
+            raise AffinageError(f"unknown --audit '{self.audit}'", "choose one of auto, on, off")
+        if check_balance(self.balance) != "none" and (len(self.tasks) > 1 or self.init_from is not None):
+            raise AffinageError(f"--balance {self.balance} is for single-task runs without --init-from",
+                                "drop --balance, or train one --task without --init-from")
 
     @property
     def keep_mode(self) -> str | None:

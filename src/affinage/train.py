@@ -122,6 +122,8 @@ class LoopSettings:
     # several labels per image (tasks.TaskObjective): y is (batch, tasks); accuracy counts every known (image, task)
     # label and the val loss sums the tasks'. None: one task, y is (batch,)
     objective: Any = None
+    # --balance weights (balance.py): per-class weights of the cross-entropy; None: unweighted
+    class_weights: torch.Tensor | None = None
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -429,7 +431,7 @@ def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str
         log(f"  {settings.phase}: batch size {settings.batch_size} is not a multiple of {processes} processes: "
             f"{batch_size} images per step ({batch_size // processes} per process)")
     loop = _Loop(settings, accelerator, module, optimizer, scheduler, train_loader, val_loader, together, frozen)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss(weight=settings.class_weights, label_smoothing=settings.label_smoothing)
     done, finished = loop.start(trainable, log)
     result = loop.result
     spent_before, start = result.train_seconds, time.perf_counter()
