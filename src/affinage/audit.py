@@ -265,7 +265,7 @@ def label_issues(data: AuditData, duplicates: Sequence[tuple[int, int]], seed: i
     for rank, i in enumerate(ranked, start=1):
         s, split = samples[i], data.split_of[i]
         candidates.append({"rank": rank, "index": int(i), "path": s.key, "given_label": s.label,
-                           "suggested_label": classes[int(probs[i].argmax())], "score": round(float(confidence[i]), 4),
+                           "suggested_label": classes[int(probs[i].argmax())], "score": float(f"{confidence[i]:.4g}"),
                            "flagged_by_cleanlab": i in flagged, "split": split, "action": "review (test split: never changed)" if split == "test" else
                            "review; relabel, or list in --exclude FILE"})
     oof_accuracy = float((probs[rows].argmax(1) == y[rows]).mean()) if len(rows) else float("nan")
@@ -298,7 +298,8 @@ def pixel_statistics(pixels: Any, batch: int = 256) -> dict[str, np.ndarray]:
         small = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
         grey = (small * luma).sum(1).flatten(1)
         q = torch.quantile(grey, torch.tensor([0.05, 0.95]), dim=1)
-        hist = torch.stack([torch.histc(g, bins=256, min=0, max=255) for g in grey]) / grey.shape[1]
+        bins = grey.round().clamp(0, 255).long()
+        hist = torch.zeros(len(grey), 256).scatter_add_(1, bins, torch.ones_like(grey)) / grey.shape[1]
         entropy = -(hist * torch.log2(hist.clamp_min(1e-12))).sum(1)
         spread = ((small[:, 0] - small[:, 1]).abs() + (small[:, 1] - small[:, 2]).abs()
                   + (small[:, 0] - small[:, 2]).abs()).flatten(1).mean(1) / 3

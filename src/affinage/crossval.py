@@ -152,7 +152,7 @@ def _shared_stage(cfg: TrainConfig, progress: bool, log: Callable[[str], None]) 
     timing = {"model_load_seconds": backbone.seconds, "decode_seconds": t2 - t1, "decoded_images": decoded.decoded_count,
               "decode_cache_hit": decoded.cache_hit, "feature_seconds": t3 - t2, "features_cached": features.cached,
               "duplicate_seconds": time.perf_counter() - t3, "load_seconds": t1 - t0}
-    return _Shared(images, decoded, pool, given_test, pairs, timing, footprint.stop())
+    return _Shared(images, decoded, pool, given_test, pairs, timing, footprint.stop(decoded.bytes_read))
 
 
 def _as_prepared(decoded: DecodedImages) -> Any:
@@ -400,7 +400,11 @@ def _summary(cfg: TrainConfig, shared: _Shared, pool: np.ndarray, folds: Folds, 
     for key in ("energy_kwh", "co2_kg", "water_l"):
         footprint[key] = (shared.footprint.get(key) or 0.0) + sum(r.get(key) or 0.0 for rows in children.values()
                                                                    for r in rows)
-    footprint["method"] = "the shared decoding and features, plus every child run's own footprint (summed)"
+    footprint["method"] = ("the shared decoding and features, plus every child run's own footprint (summed); the shared "
+                           f"stage's: {shared.footprint.get('method', '?')}")
+    if "transfer_kwh" in footprint:  # the children read from the caches: the shared stage did the downloading
+        footprint["total_energy_kwh"] = footprint["energy_kwh"] + footprint["transfer_kwh"]
+        footprint["total_co2_kg"] = footprint["co2_kg"] + footprint["transfer_co2_kg"]
     return {"cv": cv, "strategy": kept,
             "data": {"source": shared.images.description, "classes": oof_block["classes"],
                      "counts": {"cross-validated": class_counts(samples, pool.tolist()),
