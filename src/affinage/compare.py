@@ -501,7 +501,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                "peak_memory_mb": ".0f", "energy_kwh": ".3e", "co2_kg": ".3e", "trainable_params": ",d",
                "bytes_downloaded": ",d", "bytes_read": ",d", "transfer_kwh": ".3e"}
     for r in rows:
-        lines.append("| " + " | ".join(_ci(r.get(c)) if c == "test_accuracy_ci95" else _fmt(r[c], formats.get(c, ""))
+        lines.append("| " + " | ".join(_ci(r.get(c)) if c == "test_accuracy_ci95" else _fmt(r.get(c), formats.get(c, ""))
                                        for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
