@@ -187,3 +187,18 @@ def test_footprint_counts_hub_downloads_with_the_transfer_factor(tmp_path: Path,
     assert fp["transfer_kwh"] == pytest.approx(0.002 * TRANSFER_KWH_PER_GB)
     assert fp["total_energy_kwh"] == pytest.approx(fp["energy_kwh"] + fp["transfer_kwh"])
     assert "Aslan et al. 2018" in fp["method"] and "HF_HUB_CACHE" in fp["method"]
+
+
+def test_balanced_sampler_draws_every_class_about_equally_and_is_seeded():
+    import torch
+
+    from affinage.balance import balanced_batches
+
+    y = np.array([0] * 90 + [1] * 10)
+    make = balanced_batches("sampler", y, 10)
+    assert balanced_batches("none", y, 10) is None
+    g = torch.Generator().manual_seed(0)
+    drawn = [y[i] for _ in range(20) for batch in make(g) for i in batch]
+    assert abs(np.mean(drawn) - 0.5) < 0.06
+    first = [list(b) for b in make(torch.Generator().manual_seed(3))]
+    assert first == [list(b) for b in make(torch.Generator().manual_seed(3))]
