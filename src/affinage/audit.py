@@ -54,7 +54,9 @@ from .data import PATH_ERRORS, DecodedImages, Preprocessing, printable
 from .errors import AffinageError
 from .storage import atomic_path
 
-AUTO_MAX_IMAGES = 20_000  # train --audit auto: on cached features up to this many images (the k-fold probe: seconds)
+# train --audit auto: on cached features up to this many images, where the k-fold probe takes seconds (2-core CPU
+# shared with other jobs: oxford17's 1,360 images 7 s; fashion_small's 9,583 about two minutes)
+AUTO_MAX_IMAGES = 5_000
 FOLDS = 5
 PROBE_C = 1.0  # the fold probes' L2 strength on standardised features (sklearn's default; oxford17, 20 flipped labels:
 # all 20 in the top 40 at 0.1 and 1, 1 converging twice as fast)
@@ -235,7 +237,9 @@ def out_of_fold_probabilities(features: np.ndarray, y: np.ndarray, n_classes: in
     probs = np.zeros((len(y), n_classes))
     for f in range(1, k + 1):
         test, train = assignment == f, assignment != f
-        model = LogisticRegression(C=PROBE_C, max_iter=500, random_state=seed)
+        # tol 1e-3: a third of the iterations of the default 1e-4, the same held-out accuracy (fashion_small: 0.878
+        # against 0.873); the ranking needs probabilities, not the last digit of the optimum
+        model = LogisticRegression(C=PROBE_C, max_iter=300, tol=1e-3, random_state=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             model.fit(x[train], y[train])

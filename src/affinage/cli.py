@@ -133,7 +133,7 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
                         "a given test split is held out for the final model (--refit on: a final model without one)")
     t.add_argument("--audit", choices=("auto", "on", "off"), default="auto",
                    help="audit the data on the run's frozen features (label issues, image quality, duplicates, balance, "
-                        "outliers -> RUN/audit/); auto: where the features are at hand and the data has at most 20,000 "
+                        "outliers -> RUN/audit/); auto: where the features are at hand and the data has at most 5,000 "
                         "images (seconds) (default: %(default)s)")
     t.add_argument("--exclude", metavar="FILE",
                    help="leave out the images listed in FILE (a CSV with a path or sha column, e.g. an audit's "
