@@ -202,3 +202,15 @@ def test_balanced_sampler_draws_every_class_about_equally_and_is_seeded():
     assert abs(np.mean(drawn) - 0.5) < 0.06
     first = [list(b) for b in make(torch.Generator().manual_seed(3))]
     assert first == [list(b) for b in make(torch.Generator().manual_seed(3))]
+
+
+def test_a_rerun_on_the_same_data_copies_the_audit_from_the_cache(tmp_path: Path, tiny_images: Path, tiny_timm: Path):
+    from affinage.run import finetune
+
+    lines: list[str] = []
+    for name in ("first", "second"):
+        finetune(data=str(tiny_images), model=str(tiny_timm), strategy="linear-probe", out=tmp_path / name,
+                 audit="auto", progress=False, log=lines.append)
+    assert sum("audited before" in line for line in lines) == 1
+    first, second = (json.loads((tmp_path / n / "audit" / "audit.json").read_text()) for n in ("first", "second"))
+    assert first == second and (tmp_path / "second" / "audit" / "audit.html").is_file()

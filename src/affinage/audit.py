@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -488,6 +489,37 @@ def feature_outliers(data: AuditData) -> dict[str, Any]:
               "own_class_distance": round(float(distance[i, y[i]]), 4), "z": round(float(z[i]), 2)}
              for i in np.argsort(-nearest) if z[i] > ROBUST_Z]
     return {"outliers": found, "median_distance": round(float(np.median(nearest)), 4)}
+
+
+def audit_into(data: AuditData, key: str, out: Path, seed: int = 0,
+               log: Callable[[str], None] = _say) -> dict[str, Any]:
+    """`find_issues` + `write_audit` into `out`, remembered in the cache under `key` (the images, labels, splits and
+    backbone): a rerun on the same data copies the files (no probe, no cleanlab import: a cached rerun stays fast)."""
+    import shutil
+
+    from .storage import cache_dir, read_json
+
+    cached = cache_dir() / "audits" / key
+    if (cached / "audit.json").is_file():
+        try:
+            shutil.copytree(cached, out)
+            findings = read_json(out / "audit.json")
+            log(f"audit: these images, labels and splits were audited before: files copied from the cache ({cached})")
+            return findings
+        except (OSError, ValueError):
+            shutil.rmtree(out, ignore_errors=True)  # a damaged cache entry: audited again below
+    t0 = time.perf_counter()
+    findings = find_issues(data, seed, log=log)
+    findings["seconds"]["total"] = time.perf_counter() - t0
+    write_audit(out, findings, data.decoded)
+    try:
+        tmp = cached.with_name(cached.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out, tmp)
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # best effort: the next run only audits again
+    return findings
 
 
 # ----------------------------------------------------------------------------------------------

@@ -415,25 +415,31 @@ def audit_data(cfg: TrainConfig, backbone: Backbone, data: PreparedData, feature
     """`--audit`: label issues, image quality, duplicates, balance and outliers on this run's splits and cached
     features (audit.find_issues) -> RUN/audit/. auto: where the features are at hand and the data has at most
     audit.AUTO_MAX_IMAGES images (the k-fold probe on them takes seconds); on: wherever the features are."""
-    from .audit import AUTO_MAX_IMAGES, AuditData, find_issues, summary_lines, write_audit
+    from .audit import AUTO_MAX_IMAGES, AuditData, audit_into, summary_lines
 
     n = len(data.decoded.samples)
     if cfg.audit == "off" or not dist.is_main() or data.old is not None:
         return data
     if features.values is None or (cfg.audit == "auto" and n > AUTO_MAX_IMAGES):
         why = ("no frozen features in this run" if features.values is None else
-               f"{n} images, over {AUTO_MAX_IMAGES:,}")
-        log(f"audit: not run ({why}); `affinage audit --data {cfg.data}` runs it alone")
+               f"{n:,} images, over {AUTO_MAX_IMAGES:,}")
+        log(f"audit: not run ({why}); `affinage audit --data {cfg.data}` or `--audit on` runs it")
         return data
     split_of = [""] * n
     for name, idx in data.splits.items():
         for i in idx:
             split_of[i] = name
-    t0 = time.perf_counter()
-    findings = find_issues(AuditData(data.decoded, split_of, features.values.float().numpy(), cfg.data,
-                                     backbone.preprocessing), cfg.seed, log=log)
-    findings["seconds"]["total"] = time.perf_counter() - t0
-    write_audit(run_dir / "audit", findings, data.decoded)
+    pp = backbone.preprocessing
+    key = digest("audit-v1", data.key, cfg.model, str(cfg.image_size), json.dumps(pp.to_dict(), sort_keys=True),
+                 str(cfg.seed))
+    try:
+        findings = audit_into(AuditData(data.decoded, split_of, features.values.float().numpy(), cfg.data, pp), key,
+                              run_dir / "audit", cfg.seed, log)
+    except Exception as exc:  # auto: a check that cannot run on these data never stops the training
+        if cfg.audit == "on":
+            raise
+        log(f"audit: not run ({type(exc).__name__}: {str(exc)[:200]}); `affinage audit` runs it alone")
+        return data
     for line in summary_lines(findings, run_dir / "audit"):
         log(line)
     summary = {"label_issues": len(findings["label_issues"]["candidates"]),
