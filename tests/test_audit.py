@@ -214,3 +214,28 @@ def test_a_rerun_on_the_same_data_copies_the_audit_from_the_cache(tmp_path: Path
     assert sum("audited before" in line for line in lines) == 1
     first, second = (json.loads((tmp_path / n / "audit" / "audit.json").read_text()) for n in ("first", "second"))
     assert first == second and (tmp_path / "second" / "audit" / "audit.html").is_file()
+
+
+def test_class_weighted_loss_never_makes_the_rare_class_everywhere_the_cheapest_answer():
+    import torch
+
+    from affinage.balance import ClassWeightedLoss, class_weights
+
+    y = torch.tensor([0] * 90 + [1] * 8 + [2] * 2)
+    w = torch.as_tensor(class_weights(y.numpy(), 3), dtype=torch.float32)  # 0.37, 4.2 and 16.7
+    loss = ClassWeightedLoss(w, label_smoothing=0.1)
+    right = torch.nn.functional.one_hot(y, 3).float() * 8
+    rare_everywhere = torch.tensor([[0.0, 0.0, 8.0]]).repeat(100, 1)
+    assert loss(right, y) < loss(rare_everywhere, y)
+    torch.manual_seed(0)  # a head trained with it: the majority stays right, the rare classes are found
+    x = torch.randn(100, 8) + torch.nn.functional.one_hot(y, 3).float().repeat(1, 3)[:, :8] * 3
+    head = torch.nn.Linear(8, 3)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        loss(head(x), y).backward()
+        opt.step()
+    predicted = head(x).argmax(1)
+    assert (predicted == y).float().mean() > 0.9 and (predicted[y == 2] == 2).all()
+    per_image = torch.nn.functional.cross_entropy(right, y, reduction="none", label_smoothing=0.1)
+    assert loss(right, y).item() == pytest.approx(((w[y] * per_image).sum() / w[y].sum()).item())
