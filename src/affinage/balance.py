@@ -8,6 +8,8 @@
   answer (train accuracy 0.04).
 - sampler: every class drawn equally often (torch's WeightedRandomSampler, each image drawn with probability
   1 / (k n_c), with replacement), an epoch the size of the train split; the loss is the plain one.
+With either mode the epoch kept (early stopping, best epoch) is the one with the best *balanced* val accuracy (the
+mean of the per-class recalls: each val image weighs 1 / (k n_c)); with none, the plain val accuracy as before.
 The macro metrics (macro recall and F1) stay in every report: they are what balancing is for.
 """
 from __future__ import annotations
@@ -76,6 +78,19 @@ def balanced_batches(mode: str, y: Sequence[int] | np.ndarray, batch_size: int) 
         return torch.utils.data.BatchSampler(sampler, batch_size, drop_last=len(labels) > batch_size)
 
     return batches
+
+
+def balanced_val_weights(mode: str, y_val: Sequence[int] | np.ndarray) -> Any:
+    """Per val image weights summing to 1 whose weighted accuracy is the balanced accuracy (train.LoopSettings
+    .val_weights), for `weights` and `sampler`; else None."""
+    if mode == "none" or len(y_val) == 0:
+        return None
+    import torch
+
+    labels = np.asarray(y_val, dtype=np.int64)
+    counts = np.bincount(labels)
+    w = 1.0 / (counts[labels] * (counts > 0).sum())
+    return torch.as_tensor(w / w.sum(), dtype=torch.float64)
 
 
 def probe_class_weight(mode: str) -> str | None:

@@ -592,7 +592,7 @@ def new_head(cfg: TrainConfig, num_features: int, labels: Any, hidden: int | Non
 def fit_head(cfg: TrainConfig, hp: dict[str, Any], head: Any, features: Any, data: Any, run_dir: Path, phase: str,
              log: Callable[[str], None]) -> tuple[Any, Any]:
     """Train a head (the MLP of strategy `head`) on the cached features with AdamW, early-stopped on val."""
-    from .keep import training_parts, val_weights
+    from .keep import training_parts
     from .strategies import decay_groups
     from .train import LoopSettings, fit
 
@@ -611,7 +611,7 @@ def fit_head(cfg: TrainConfig, hp: dict[str, Any], head: Any, features: Any, dat
                               seed=stage_seed(cfg.seed, phase), precision=_precision(), grad_accum=cfg.grad_accum,
                               checkpoint_key=data.key, batch_sampler=sampler, class_weights=weights,
                               **_objective(data, cfg, head, loss),
-                              val_weights=val_weights(old, data.splits.val, data.is_old)),
+                              val_weights=_val_weights(cfg, data, old, data.splits.val)),
                  log=log)
     head = head.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
     log(f"head on frozen features: val accuracy {result.best_val_accuracy:.3f} (epoch {result.best_epoch})")
@@ -626,6 +626,16 @@ def _balanced(cfg: TrainConfig, data: Any, train: Sequence[int], batch_size: int
     return loss_weights(cfg.balance, y, len(data.labels)), balanced_batches(cfg.balance, y, batch_size) or sampler
 
 
+def _val_weights(cfg: TrainConfig, data: Any, old: Any, val: Sequence[int]) -> Any:
+    """The val weights of the loop: --init-from's (both tasks count equally), --balance's (balanced accuracy: every
+    class counts equally), or None (plain accuracy)."""
+    from .balance import balanced_val_weights
+    from .keep import val_weights
+
+    keep = val_weights(old, val, data.is_old)
+    return keep if keep is not None else balanced_val_weights(cfg.balance, data.y[list(val)])
+
+
 def _precision() -> Any:
     from .inference import Precision
 
@@ -636,7 +646,7 @@ def fine_tune(cfg: TrainConfig, plan: Any, net: Any, data: Any, run_dir: Path, p
               log: Callable[[str], None], stop: Any = None, checkpoint: str = "fine-tune.pt") -> tuple[Any, Any]:
     """Train the blocks the strategy unfreezes (and the head) on augmented images; LoRA merges its adapters."""
     from .data import PixelDataset, eval_transform, train_transform
-    from .keep import Teacher, training_parts, val_weights
+    from .keep import Teacher, training_parts
     from .strategies import set_norms_eval
     from .train import LoopSettings, default_workers, fit
 
@@ -662,7 +672,7 @@ def fine_tune(cfg: TrainConfig, plan: Any, net: Any, data: Any, run_dir: Path, p
                               seed=stage_seed(cfg.seed, "fine-tune"), precision=plan.precision,
                               grad_accum=cfg.grad_accum, checkpoint_key=data.key + strategy.name, stop=stop,
                               batch_sampler=sampler, class_weights=weights, **_objective(data, cfg, module, loss),
-                              val_weights=val_weights(old, splits.val, data.is_old)),
+                              val_weights=_val_weights(cfg, data, old, splits.val)),
                  on_epoch_start=lambda e: strategy.apply(module, e, hp["epochs"]),
                  after_train_mode=lambda m: set_norms_eval(m, not cfg.train_bn_stats), log=log)
     if module is not net:  # LoRA: keep the adapter (with its head) as peft saves it, then merge for inference
