@@ -66,7 +66,7 @@ def _name(path: str) -> str:
 def _labels(findings: dict[str, Any], decoded: DecodedImages) -> str:
     lab = findings["label_issues"]
     cards = [_card(decoded, c["index"], [f"#{c['rank']} {_name(c['path'])}", f"given: {c['given_label']}",
-                                         f"suggested: {c['suggested_label']}", f"self-confidence {c['score']:.3f}"],
+                                         f"suggested: {c['suggested_label']}", f"self-confidence {c['score']:.3g}"],
                    c["split"]) for c in lab["candidates"][:MAX_SHOWN]]
     text = (f"<p>{len(lab['candidates'])} candidate(s) among {lab['n_tested']} images ({_e(lab['method'])}; "
             f"out-of-fold accuracy {lab['oof_accuracy']:.3f}). Test-split candidates (red) are for review only; "
