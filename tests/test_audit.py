@@ -239,3 +239,13 @@ def test_class_weighted_loss_never_makes_the_rare_class_everywhere_the_cheapest_
     assert (predicted == y).float().mean() > 0.9 and (predicted[y == 2] == 2).all()
     per_image = torch.nn.functional.cross_entropy(right, y, reduction="none", label_smoothing=0.1)
     assert loss(right, y).item() == pytest.approx(((w[y] * per_image).sum() / w[y].sum()).item())
+
+
+def test_audit_of_data_too_small_to_split_runs_without_splits(tmp_path: Path, tiny_images: Path, tiny_timm: Path):
+    files = [p for c, n in (("red_disc", 6), ("green_square", 6), ("blue_bar", 1))
+             for p in sorted((tiny_images / c).iterdir())[:n]]
+    data = tmp_path / "labels.csv"
+    data.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in files))
+    findings = audit(str(data), model=str(tiny_timm), out=tmp_path / "audit", **quiet)
+    assert "class 'blue_bar' has 1 image(s) and no split" in " ".join(findings["balance"]["warnings"])
+    assert findings["label_issues"]["n_tested"] == 12  # the one-image class cannot be predicted out of fold

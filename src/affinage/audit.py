@@ -114,15 +114,19 @@ def audit(data: str, model: str = "efficientnet_lite0", out: str | Path | None =
         net, card, pp = _backbone(model, image_size)
         decoded = decode_all(images, pp, progress=progress)
         samples = decoded.samples
-        splits = make_splits(samples, seed)  # given splits, or the ones `affinage train --seed S` would make
         split_of = [""] * len(samples)
-        for name, idx in splits.items():
-            for i in idx:
-                split_of[i] = name
+        try:
+            splits = make_splits(samples, seed)  # given splits, or the ones `affinage train --seed S` would make
+            how = splits.how
+            for name, idx in splits.items():
+                for i in idx:
+                    split_of[i] = name
+        except AffinageError as exc:  # classes too small to split: audited all the same, without splits
+            how = f"no splits: {exc.problem}"
         t0 = time.perf_counter()
         feats = frozen_features(net, card, model, image_size, decoded, progress)
         log(f"audit: {len(samples)} images of {images.description}, features in {time.perf_counter() - t0:.1f}s "
-            f"({splits.how})")
+            f"({how})")
         findings = find_issues(AuditData(decoded, split_of, feats, images.description, pp), seed, folds, log)
     finally:
         fp = footprint.stop()
@@ -261,6 +265,10 @@ def label_issues(data: AuditData, duplicates: Sequence[tuple[int, int]], seed: i
     y = np.array([classes.index(s.label) for s in samples])
     probs, tested = out_of_fold_probabilities(data.features, y, len(classes), seed, k, duplicates)
     rows = np.flatnonzero(tested)
+    if len(np.unique(y[rows])) < 2:
+        return {"candidates": [], "n_tested": int(len(rows)), "flagged_by_cleanlab": 0, "folds": k,
+                "oof_accuracy": float("nan"), "order": [],
+                "method": "not run: fewer than two classes have images that can be predicted out of fold"}
     p = probs[rows] / probs[rows].sum(1, keepdims=True).clip(1e-12)
     flagged = set(rows[find_label_issues(y[rows], p, return_indices_ranked_by="self_confidence")].tolist())
     confidence = probs[np.arange(len(y)), y]
@@ -420,7 +428,9 @@ def balance_report(data: AuditData) -> dict[str, Any]:
     warnings = []
     test_counts = per_split["test"]
     for c in sorted(counts):
-        if test_counts.get(c, 0) < MIN_TEST_IMAGES:
+        if not test_counts and counts[c] < MIN_TEST_IMAGES:
+            warnings.append(f"class '{c}' has {counts[c]} image(s) and no split: too small to measure")
+        elif test_counts and test_counts.get(c, 0) < MIN_TEST_IMAGES:
             warnings.append(f"class '{c}' has {test_counts.get(c, 0)} test image(s) ({counts[c]} in all): too small to "
                             f"measure (its recall from under {MIN_TEST_IMAGES} images is noise)")
     recommendation = None
@@ -446,7 +456,7 @@ def _group_table(samples: Sequence[Any], split_of: Sequence[str], warnings: list
         table[s.label][s.group or "(none)"] += 1
     test_groups = Counter(s.group or "(none)" for s, sp in zip(samples, split_of) if sp == "test")
     for g in sorted(groups):
-        if test_groups.get(g, 0) < MIN_TEST_IMAGES:
+        if test_groups and test_groups.get(g, 0) < MIN_TEST_IMAGES:
             warnings.append(f"group '{g}' has {test_groups.get(g, 0)} test image(s) ({groups[g]} in all): too small "
                             "to measure")
     small = [{"class": c, "group": g, "n": n} for c, row in table.items() for g, n in row.items() if 0 < n < SMALL_CELL]
