@@ -512,7 +512,7 @@ def audit_into(data: AuditData, key: str, out: Path, seed: int = 0,
     cached = cache_dir() / "audits" / key
     if (cached / "audit.json").is_file():
         try:
-            shutil.copytree(cached, out)
+            shutil.copytree(cached, out, dirs_exist_ok=True)  # --resume: the interrupted run may have written it
             findings = read_json(out / "audit.json")
             log(f"audit: these images, labels and splits were audited before: files copied from the cache ({cached})")
             return findings
