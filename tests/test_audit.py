@@ -107,6 +107,7 @@ def test_audit_finds_the_duplicate_the_dark_image_and_lists_the_gif_as_skipped(t
     page = (out / "audit.html").read_text(encoding="utf-8")
     assert not re.search(r"https?:", page) and page.count("data:image/jpeg;base64,") >= 3
     assert json.loads((out / "audit.json").read_text())["n_images"] == 44
+    assert findings["footprint"]["bytes_read"] > 44 * 1000 and findings["footprint"]["bytes_downloaded"] == 0
     assert (out / "label_issues.csv").read_text().startswith("rank,path,given_label,suggested_label,score")
 
 

@@ -106,6 +106,7 @@ def audit(data: str, model: str = "efficientnet_lite0", out: str | Path | None =
 
     started = time.perf_counter()
     footprint = FootprintTracker().start()
+    decoded = None
     try:
         images = load_source(data, tasks=(task,) if task else ())
         if group_column:
@@ -129,7 +130,7 @@ def audit(data: str, model: str = "efficientnet_lite0", out: str | Path | None =
             f"({how})")
         findings = find_issues(AuditData(decoded, split_of, feats, images.description, pp), seed, folds, log)
     finally:
-        fp = footprint.stop()
+        fp = footprint.stop(decoded.bytes_read if decoded is not None else None)
     findings["footprint"] = fp
     findings["seconds"]["total"] = time.perf_counter() - started
     write_audit(root, findings, decoded)
