@@ -143,6 +143,16 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
                         "fold), mean ± std of every figure and the out-of-fold predictions of every image; classes "
                         "of 1-5 images train too (few-shot: the prototype classifier is tried beside the strategy); "
                         "a given test split is held out for the final model (--refit on: a final model without one)")
+    t.add_argument("--audit", choices=("auto", "on", "off"), default="auto",
+                   help="audit the data on the run's frozen features (label issues, image quality, duplicates, balance, "
+                        "outliers -> RUN/audit/); auto: where the features are at hand and the data has at most 5,000 "
+                        "images (seconds) (default: %(default)s)")
+    t.add_argument("--exclude", metavar="FILE",
+                   help="leave out the images listed in FILE (a CSV with a path or sha column, e.g. an audit's "
+                        "label_issues.csv, or a text file of paths / content hashes); listed in skipped_files.csv")
+    t.add_argument("--balance", choices=("none", "weights", "sampler"), default="none",
+                   help="imbalance handling: class-weighted loss (weights; the probe uses class_weight='balanced') or a "
+                        "class-balanced sampler (default: %(default)s)")
     t.add_argument("--drop-leaks", action="store_true",
                    help="remove val/test images that duplicate an image of an earlier split (listed in leaks.csv)")
     t.add_argument("--country", default="FRA", help="ISO 3166-1 alpha-3 code of the grid, for the CO2 figure "
@@ -168,7 +178,7 @@ def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "splits_from", "group_by", "min_per_class", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha", "mean", "std",
             "budget", "budget_factor", "interpolate", "tta", "refit", "init_from", "old_data", "keep",
             "replay_fraction", "distill_temperature", "distill_weight", "tasks", "task_weighting", "train_tasks",
-            "unknown_values", "folds", "report_to", "image_column", "label_column")
+            "unknown_values", "folds", "report_to", "image_column", "label_column", "audit", "exclude", "balance")
     kwargs = {k: getattr(args, k) for k in keys}
     kwargs["pretrained"] = not args.no_pretrained
     kwargs["resume"] = args.resume
@@ -326,6 +336,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0 if matches else 1
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit
+
+    audit(args.data, model=args.model, out=args.out, task=args.task, group_column=args.group_column, seed=args.seed,
+          folds=args.folds, image_size=args.image_size, progress=not args.quiet)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -390,6 +408,25 @@ def build_parser() -> argparse.ArgumentParser:
                                    "files, history, metrics.json, model).")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("audit", help="check the data before training: label issues, image quality, duplicates, "
+                                     "balance and bias, outliers",
+                       description="Audit a dataset on the frozen features (cached): label-issue candidates from a "
+                                   "k-fold probe's out-of-fold probabilities (cleanlab), image-quality checks, "
+                                   "duplicates within and across splits, class balance and the class x group table, "
+                                   "feature-space outliers. Writes audit.html (self-contained), label_issues.csv, "
+                                   "image_issues.csv, duplicates.csv and audit.json; never changes the data.")
+    p.add_argument("--data", required=True, help="as for `affinage train`")
+    p.add_argument("--model", default=DEMO_MODEL, help="backbone whose features are audited (default: %(default)s)")
+    p.add_argument("--task", help="the CSV's label column to audit (default: the column `label`)")
+    p.add_argument("--group-column", help="a CSV column naming each image's group (site, season, usage...): the "
+                                          "class x group table and its warnings")
+    p.add_argument("--out", default=None, help="new directory for the audit (default: runs/<date-time>-audit)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds and of the splits `train` would make")
+    p.add_argument("--folds", type=int, default=5, help="folds of the out-of-fold probe (default: %(default)s)")
+    p.add_argument("--image-size", type=int, help="as for `affinage train`")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("predict", help="label images with a trained run", description="Predict labels for image files "
                        "with the model of a run directory (same preprocessing as training).")

@@ -39,8 +39,8 @@ from .storage import atomic_path, write_text
 DEFAULT_STRATEGIES = COMPARE_STRATEGIES
 COLUMNS = ("strategy", "auto_pick", "val_accuracy", "val_loss", "test_accuracy", "test_accuracy_ci95", "macro_f1",
            "trainable_params",
-           "wall_seconds", "samples_per_second", "peak_memory_mb", "energy_kwh", "co2_kg", "targets_met",
-           "features_cached", "measured_as", "run_dir")
+           "wall_seconds", "samples_per_second", "peak_memory_mb", "energy_kwh", "co2_kg", "bytes_downloaded",
+           "bytes_read", "transfer_kwh", "targets_met", "features_cached", "measured_as", "run_dir")
 COLD = "cold run (own empty cache: decoding and feature extraction included)"
 ON_VAL = "best and auto_pick chosen on val; test shown, never used to choose"
 VAL_PREDICTIONS = "val_predictions.csv"
@@ -126,7 +126,9 @@ def compare(data: str, model: str = "efficientnet_lite0", strategies: Sequence[s
         name = name if solo is None else f"{strategy} alone={solo}"
         run_dir = root / "runs" / _slug(name)
         cmd = [sys.executable, "-m", "affinage.cli", "train", "--data", data, "--model", model, "--strategy", strategy,
-               "--out", str(run_dir), "--seed", str(seed), *train_args, *(["--keep", mode] if mode else []),
+               "--out", str(run_dir), "--seed", str(seed), *train_args,
+               *([] if "--audit" in train_args else ["--audit", "off"]),  # audited once by the user, not per row
+               *(["--keep", mode] if mode else []),
                *task_args, *(["--train-task", solo] if solo else []),
                *(["--folds", str(folds)] if folds is not None else [])]
         for t in targets:
@@ -232,6 +234,7 @@ def row_from_run(strategy: str, run_dir: Path, process_seconds: float) -> dict[s
         "peak_memory_mb": timing.get("peak_memory_mb"),
         "energy_kwh": footprint.get("energy_kwh"),
         "co2_kg": footprint.get("co2_kg"),
+        **_data_footprint(footprint),
         "targets_met": all(c.get("passed") for c in checks) if checks else None,
         "features_cached": timing.get("features_cached"),
         "keep": old.get("keep"),
@@ -253,9 +256,14 @@ def _row_from_cv(strategy: str, run_dir: Path, process_seconds: float, m: dict[s
             "test_accuracy_std": cv["accuracy_std"], "macro_f1": cv["macro_f1_mean"],
             "trainable_params": max(r["trainable_params"] for r in folds), "wall_seconds": round(process_seconds, 2),
             "samples_per_second": None, "peak_memory_mb": max((r["timing"].get("peak_memory_mb") or 0) for r in folds),
-            "energy_kwh": footprint.get("energy_kwh"), "co2_kg": footprint.get("co2_kg"),
+            "energy_kwh": footprint.get("energy_kwh"), "co2_kg": footprint.get("co2_kg"), **_data_footprint(footprint),
             "targets_met": all(c.get("passed") for c in checks) if checks else None,
             "features_cached": m["timing"].get("features_cached"), "measured_as": COLD, "run_dir": str(run_dir)}
+
+
+def _data_footprint(footprint: dict[str, Any]) -> dict[str, Any]:
+    """What the run downloaded (hub caches before/after) and read (image files), and the transfer's energy."""
+    return {k: footprint.get(k) for k in ("bytes_downloaded", "bytes_read", "transfer_kwh")}
 
 
 def finish(root: Path, rows: list[dict[str, Any]], targets: Sequence[str],
@@ -490,9 +498,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     cols = [c for c in columns(rows) if c not in ("run_dir", "measured_as")]  # measured_as: said under the table
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     formats = {"new_accuracy": ".4f", "old_accuracy": ".4f", "forgetting": "+.4f", "val_accuracy": ".4f", "val_loss": ".4f", "test_accuracy": ".4f", "test_accuracy_std": ".4f", "macro_f1": ".4f", "wall_seconds": ".1f", "samples_per_second": ".1f",
-               "peak_memory_mb": ".0f", "energy_kwh": ".3e", "co2_kg": ".3e", "trainable_params": ",d"}
+               "peak_memory_mb": ".0f", "energy_kwh": ".3e", "co2_kg": ".3e", "trainable_params": ",d",
+               "bytes_downloaded": ",d", "bytes_read": ",d", "transfer_kwh": ".3e"}
     for r in rows:
-        lines.append("| " + " | ".join(_ci(r.get(c)) if c == "test_accuracy_ci95" else _fmt(r[c], formats.get(c, ""))
+        lines.append("| " + " | ".join(_ci(r.get(c)) if c == "test_accuracy_ci95" else _fmt(r.get(c), formats.get(c, ""))
                                        for c in cols) + " |")
     return "\n".join(lines) + "\n"
 

@@ -103,6 +103,10 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)  # tensorboard, mlflow (tracking.py); [] or ["none"]: nowhere
     image_column: str | None = None  # hf: data: the image column (None: the dataset's one Image feature)
     label_column: str | None = None  # hf: data: the label column (None: its one ClassLabel feature)
+    # the data audit (issue #14, audit.py / balance.py)
+    audit: str = "auto"  # auto: on the run's cached features where the data has <= audit.AUTO_MAX_IMAGES images; on; off
+    exclude: str | None = None  # a CSV (path or sha column) or text file of paths / content hashes to leave out
+    balance: str = "none"  # none | weights (class-weighted loss, probe class_weight='balanced') | sampler
 
     def __post_init__(self) -> None:
         from .targets import parse_targets
@@ -133,6 +137,7 @@ class TrainConfig:
         self._check_tasks()
         self._check_report_to()
         self._check_folds()
+        self._check_audit()
         if self.min_per_class is not None and self.min_per_class < 1:
             raise AffinageError(f"min_per_class must be >= 1, got {self.min_per_class}", "pass e.g. --min-per-class 3")
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -232,6 +237,15 @@ class TrainConfig:
         for value, option, fix in clashes:
             if value:
                 raise AffinageError(f"--folds cannot be combined with {option}", f"drop one of them: {fix}")
+
+    def _check_audit(self) -> None:
+        from .balance import check_balance
+
+        if self.audit not in ("auto", "on", "off"):
+            raise AffinageError(f"unknown --audit '{self.audit}'", "choose one of auto, on, off")
+        if check_balance(self.balance) != "none" and (len(self.tasks) > 1 or self.init_from is not None):
+            raise AffinageError(f"--balance {self.balance} is for single-task runs without --init-from",
+                                "drop --balance, or train one --task without --init-from")
 
     @property
     def keep_mode(self) -> str | None:

@@ -558,6 +558,7 @@ class DecodedImages:
     hashed_count: int = 0  # files read to hash them (the others' size and mtime were unchanged: memoised hash)
     hash_seconds: float = 0.0
     decode_seconds: float = 0.0
+    bytes_read: int = 0  # bytes of image files read by this call (to hash them, and to decode new content)
 
 
 MIN_SPLITTABLE = 3  # images a class needs when its val and test images are carved from it (one each, one to train)
@@ -598,12 +599,59 @@ def drop_small_classes(decoded: DecodedImages, minimum: int | None,
                    pixels=decoded.pixels.subset(keep), skipped=decoded.skipped + reasons), dropped
 
 
+def read_exclusions(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The paths and content hashes listed in an --exclude FILE (a CSV with a `path` and/or `sha` column: an audit's
+    label_issues.csv, image_issues.csv or duplicates.csv, edited; or a text file of one path or hash a line), as
+    {form: entry}, each entry also under its absolute form (relative paths: from FILE's folder and as given)."""
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8-sig", errors=PATH_ERRORS)
+    except OSError as exc:
+        raise AffinageError(f"--exclude file '{path}' cannot be read: {exc.strerror or exc}",
+                            "pass a CSV with a path or sha column, or a text file of one path or content hash a line") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    header = [c.strip().lower() for c in next(csv.reader(lines[:1]), [])] if lines else []
+    if "path" in header or "sha" in header:
+        entries = [(v or "").strip() for row in csv.DictReader(lines) for c, v in row.items()
+                   if c and c.strip().lower() in ("path", "sha")]
+    else:
+        entries = lines
+    forms: dict[str, str] = {}
+    for entry in filter(None, entries):
+        for form in (entry, os.path.abspath(entry), os.path.abspath(file.parent / entry)):
+            forms.setdefault(form, entry)
+    return forms
+
+
+def exclude_listed(decoded: DecodedImages, path: str | None) -> tuple[DecodedImages, int]:
+    """`--exclude FILE`: the samples whose path or content hash FILE lists leave the data, each listed as skipped with
+    the reason 'excluded by FILE'; and how many of FILE's entries matched no sample."""
+    if path is None:
+        return decoded, 0
+    forms = read_exclusions(path)
+    gone, matched = [], set()
+    for i, (s, h) in enumerate(zip(decoded.samples, decoded.hashes)):
+        hit = forms.get(s.key) or forms.get(os.path.abspath(s.key)) or forms.get(h)
+        if hit is not None:
+            gone.append(i)
+            matched.add(hit)
+    unmatched = len(set(forms.values()) - matched)
+    if not gone:
+        return decoded, unmatched
+    drop = set(gone)
+    keep = [i for i in range(len(decoded.samples)) if i not in drop]
+    reasons = [(decoded.samples[i].key, f"excluded by {path}") for i in gone]
+    return replace(decoded, samples=[decoded.samples[i] for i in keep], hashes=[decoded.hashes[i] for i in keep],
+                   pixels=decoded.pixels.subset(keep), skipped=decoded.skipped + reasons), unmatched
+
+
 def decode_all(images: LabelledImages, pp: Preprocessing, workers: int | None = None,
                progress: bool = True) -> DecodedImages:
     """Hash every file (a file whose size and mtime are unchanged is not read), decode into the image store only
     the contents it has never seen, and list the unusable files with their reasons."""
     workers = workers or min(8, os.cpu_count() or 1)
     t0 = time.perf_counter()
+    images, bytes_read = _counting_reads(images)
     results, hashed_count = _content_hashes(images, workers)
     skipped = list(images.skipped)
     hashes: list[str | None] = []
@@ -640,7 +688,20 @@ def decode_all(images: LabelledImages, pp: Preprocessing, workers: int | None = 
     pixels = ImageRows(store.folder, store.side, [slots[hashes[i]] for i in keep])  # type: ignore[index]
     return DecodedImages([images.samples[i] for i in keep], [hashes[i] for i in keep], pixels,  # type: ignore[misc]
                          skipped, cache_hit=not todo, decoded_count=decoded_count, hashed_count=hashed_count,
-                         hash_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1)
+                         hash_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1, bytes_read=bytes_read[0])
+
+
+def _counting_reads(images: LabelledImages) -> tuple[LabelledImages, list[int]]:
+    """`images` whose reads add their size to the returned counter (reads run in threads: under a lock)."""
+    total, lock, read = [0], threading.Lock(), images.read_bytes
+
+    def counted(sample: Sample) -> bytes:
+        data = read(sample)
+        with lock:
+            total[0] += len(data)
+        return data
+
+    return replace(images, read_bytes=counted), total
 
 
 def _decoder_version() -> str:

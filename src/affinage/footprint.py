@@ -18,6 +18,16 @@ alpha-3, default FRA, where the project runs). Water = energy x `water_l_per_kwh
 average on-site water usage effectiveness of US data centres (Shehabi et al. 2016, "United States Data Center
 Energy Usage Report", LBNL); it leaves out the water used to generate the electricity, which depends on the grid
 (roughly 0-4 L/kWh more): raise the factor (--water-factor) to include it.
+
+Data: `bytes_downloaded` is what the hub caches grew by during the run (the Hugging Face hub cache HF_HUB_CACHE,
+its datasets cache HF_DATASETS_CACHE, and TORCH_HOME's hub, where timm and torchvision weights land), measured
+before and after; `bytes_read` the image files the run read (to hash them and to decode new content; a rerun whose
+files are unchanged reads none). The transfer's energy is bytes_downloaded x TRANSFER_KWH_PER_GB = 0.06 kWh/GB, the
+2015 estimate of Aslan, Mayers, Koomey and France (2018), "Electricity Intensity of Internet Data Transmission:
+Untangling the Estimates", Journal of Industrial Ecology 22(4) (it has halved about every two years since, so it is
+an upper bound today); its CO2 uses the same grid factor as the run's. Reading local files costs no transfer energy
+(the CPU's share is in the run's own figure). `total_energy_kwh` and `total_co2_kg` add both; `method` names every
+factor.
 """
 from __future__ import annotations
 
@@ -37,6 +47,7 @@ FALLBACK_TDP_W = 85.0  # codecarbon's own default when a CPU model is not in its
 WORLD_CARBON_G_PER_KWH = 475.0  # IEA world average, used only when the country table is unavailable
 MIN_TRACKED_SHARE = 0.5  # codecarbon must have tracked this share of the run for its figures to be scaled up
 WHOLE_RUN = 0.99  # tracked share from which codecarbon's figures count as covering the whole run (not scaled)
+TRANSFER_KWH_PER_GB = 0.06  # Aslan et al. 2018 (2015 figure); see the module docstring
 MEASURED_CPU_MODES = {"intel_rapl": "RAPL", "intel_power_gadget": "Intel Power Gadget", "windows_emi": "Windows EMI",
                       "powermetrics": "powermetrics", "apple_powermetrics": "powermetrics"}
 
@@ -92,6 +103,7 @@ class FootprintTracker:
         self._error: str | None = None
         self._t0 = 0.0
         self._cpu0 = 0.0
+        self._caches0: dict[str, int] = {}
 
     def start(self) -> "FootprintTracker":
         """Starts codecarbon in a background thread: its hardware probe takes about a second, which then overlaps
@@ -99,6 +111,7 @@ class FootprintTracker:
         import threading
 
         self._t0, self._cpu0 = time.perf_counter(), _cpu_seconds()
+        self._caches0 = hub_cache_bytes()
         self._starter = threading.Thread(target=self._start_codecarbon, name="affinage-footprint", daemon=True)
         self._starter.start()
         return self
@@ -112,7 +125,8 @@ class FootprintTracker:
         except Exception as exc:  # any codecarbon failure: fall back to the estimate, never fail the run
             self._tracker, self._error = None, _one_line(exc)
 
-    def stop(self) -> dict[str, Any]:
+    def stop(self, bytes_read: int | None = None) -> dict[str, Any]:
+        """The footprint (computed once); `bytes_read`: the image bytes the run read (data.DecodedImages)."""
         if self.result is not None:
             return self.result
         starter = getattr(self, "_starter", None)
@@ -129,8 +143,24 @@ class FootprintTracker:
                 self._error = _one_line(exc)
         if result is None:
             result = self._estimate(seconds)
-        self.result = result
-        return result
+        self.result = self._with_transfer(result, bytes_read)
+        return self.result
+
+    def _with_transfer(self, result: dict[str, Any], bytes_read: int | None) -> dict[str, Any]:
+        after = hub_cache_bytes()
+        grown = {k: max(0, after.get(k, 0) - self._caches0.get(k, 0)) for k in after}
+        downloaded = sum(grown.values())
+        intensity = result["carbon_intensity_g_per_kwh"]
+        kwh = downloaded / 1e9 * TRANSFER_KWH_PER_GB
+        co2 = kwh * intensity / 1000.0
+        method = (f"{result['method']}; transfer: {downloaded:,} bytes downloaded (growth of the hub caches "
+                  f"{', '.join(sorted(after)) or 'none found'}) x {TRANSFER_KWH_PER_GB} kWh/GB (Aslan et al. 2018) "
+                  f"x {intensity:.0f} gCO2e/kWh ({self.country} grid); water {self.water_l_per_kwh:g} L/kWh of the "
+                  "run's energy (Shehabi et al. 2016)")
+        return {**result, "method": method, "bytes_downloaded": downloaded, "downloaded_by_cache": grown,
+                "bytes_read": bytes_read, "transfer_kwh_per_gb": TRANSFER_KWH_PER_GB, "transfer_kwh": kwh,
+                "transfer_co2_kg": co2, "total_energy_kwh": result["energy_kwh"] + kwh,
+                "total_co2_kg": result["co2_kg"] + co2}
 
     def _from_codecarbon(self, tracker: Any, seconds: float) -> dict[str, Any] | None:
         data = tracker.final_emissions_data
@@ -222,6 +252,36 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+def hub_cache_folders() -> dict[str, str]:
+    """The caches where a run's downloads land: {name: folder} (those that exist)."""
+    home = os.path.expanduser("~")
+    hf_home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache"),
+                                                          "huggingface")
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                              os.path.join(home, ".cache"), "torch")
+    folders = {"HF_HUB_CACHE": os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+               or os.path.join(hf_home, "hub"),
+               "HF_DATASETS_CACHE": os.environ.get("HF_DATASETS_CACHE") or os.path.join(hf_home, "datasets"),
+               "TORCH_HOME": os.path.join(torch_home, "hub")}
+    return {k: v for k, v in folders.items() if os.path.isdir(v)}
+
+
+def hub_cache_bytes() -> dict[str, int]:
+    """Bytes of the regular files under each hub cache (symbolic links, e.g. the HF snapshots, not followed)."""
+    sizes = {}
+    for name, folder in hub_cache_folders().items():
+        total = 0
+        for root, _, files in os.walk(folder):
+            for f in files:
+                try:
+                    st = os.lstat(os.path.join(root, f))
+                except OSError:
+                    continue
+                total += st.st_size if not os.path.islink(os.path.join(root, f)) else 0
+        sizes[name] = total
+    return sizes
 
 
 def _cpu_seconds() -> float:

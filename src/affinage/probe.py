@@ -33,10 +33,10 @@ class ProbeFit:
     task_C: dict[str, float] | None = None  # several tasks: each task's C (head: a tasks.MultiHead of their probes)
 
 
-def _model(C: float, seed: int) -> Any:
+def _model(C: float, seed: int, class_weight: str | None = None) -> Any:
     from sklearn.linear_model import LogisticRegression
 
-    return LogisticRegression(C=C, max_iter=MAX_ITER, warm_start=True, random_state=seed)
+    return LogisticRegression(C=C, max_iter=MAX_ITER, warm_start=True, random_state=seed, class_weight=class_weight)
 
 
 def _fit(model: Any, x: np.ndarray, y: np.ndarray) -> Any:
@@ -74,13 +74,13 @@ def to_head(model: Any, n_features: int, n_classes: int) -> nn.Linear:
 
 
 def fit_probe(train_x: Any, train_y: Any, val_x: Any, val_y: Any, n_classes: int, seed: int = 0,
-              grid: tuple[float, ...] = C_GRID) -> ProbeFit:
+              grid: tuple[float, ...] = C_GRID, class_weight: str | None = None) -> ProbeFit:
     """Fit the probe for every C in `grid` (stopping once val has got worse twice in a row), keep the C chosen on
-    val (`refit_probe` fits it again on more data)."""
+    val (`refit_probe` fits it again on more data); `class_weight='balanced'`: --balance (balance.py)."""
     t0 = time.perf_counter()
     xt, yt = np.asarray(train_x, dtype=np.float32), np.asarray(train_y)
     xv, yv = np.asarray(val_x, dtype=np.float32), np.asarray(val_y)
-    model = _model(grid[0], seed)
+    model = _model(grid[0], seed, class_weight)
     scored: list[Scored] = []
     worse = 0
     for C in grid:
@@ -105,7 +105,7 @@ def fit_probe(train_x: Any, train_y: Any, val_x: Any, val_y: Any, n_classes: int
     return ProbeFit(head, C, choice, val_logits, time.perf_counter() - t0)
 
 
-def refit_probe(C: float, x: Any, y: Any, n_classes: int, seed: int = 0) -> nn.Linear:
+def refit_probe(C: float, x: Any, y: Any, n_classes: int, seed: int = 0, class_weight: str | None = None) -> nn.Linear:
     """The probe at a C already chosen on val, fitted on more data (train + val)."""
     x = np.asarray(x, dtype=np.float32)
-    return to_head(_fit(_model(C, seed), x, np.asarray(y)), x.shape[1], n_classes)
+    return to_head(_fit(_model(C, seed, class_weight), x, np.asarray(y)), x.shape[1], n_classes)

@@ -434,6 +434,12 @@ def _footprint(fp: dict[str, Any] | None) -> str:
     for key, label in (("cpu_kwh", "CPU energy"), ("gpu_kwh", "GPU energy"), ("ram_kwh", "RAM energy")):
         if key in fp:
             rows.append([label, f"{fp[key]:.6g} kWh"])
+    if "bytes_downloaded" in fp:  # runs written before the data footprint have none
+        rows += [["downloaded", f"{fp['bytes_downloaded']:,} bytes (hub caches before/after)"],
+                 ["images read", f"{fp['bytes_read']:,} bytes" if fp.get("bytes_read") is not None else "?"],
+                 ["transfer energy", f"{fp['transfer_kwh']:.6g} kWh ({fp['transfer_kwh_per_gb']} kWh/GB), "
+                                     f"{fp['transfer_co2_kg'] * 1000:.6g} g CO2"],
+                 ["total", f"{fp['total_energy_kwh']:.6g} kWh, {fp['total_co2_kg'] * 1000:.6g} g CO2"]]
     return _section("footprint", "Footprint", _table(["", ""], rows))
 
 

@@ -1,9 +1,10 @@
 """The pipeline. `finetune` reads as its stages, each a function over typed state, usable alone from Python:
 
     load_data -> choose_backbone -> build_backbone -> attach_old_task -> open_run_dir -> prepare_data
-    -> extract_features -> plan_training -> train_model -> evaluate_model -> write_run -> track_run
+    -> extract_features -> audit_data -> plan_training -> train_model -> evaluate_model -> write_run -> track_run
 
-(`attach_old_task` matters to `--init-from` runs only: the classifier whose classes are kept, and its old data.)
+(`attach_old_task` matters to `--init-from` runs only: the classifier whose classes are kept, and its old data;
+`audit_data` is `--audit`: audit.find_issues on the run's own splits and cached features, into RUN/audit/.)
 
 Under `torchrun`/`accelerate launch` every process runs every stage; only the main one writes the run directory
 and prints, decoding fills the shared cache on the main process first, and features, fine-tuning and test
@@ -35,6 +36,7 @@ from .data import (
     class_counts,
     decode_all,
     drop_small_classes,
+    exclude_listed,
     load_source,
     make_splits,
     printable,
@@ -100,6 +102,7 @@ class PreparedData:
     old: Any = None  # keep.OldTask of an --init-from run (None: a plain run)
     is_old: np.ndarray | None = None  # per decoded sample: from --old-data
     tasks: Any = None  # tasks.TaskSet of a run with several --task (labels is the first task's); None: one task
+    audit: dict[str, Any] | None = None  # --audit: the summary of RUN/audit/audit.json (None: not audited)
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,7 @@ def finetune(data: str, model: str = "efficientnet_lite0", strategy: str = "auto
         prepared = prepare_data(cfg, images, backbone.preprocessing, run_dir, progress, log, old)
         plan = plan_device(cfg)
         backbone, features = extract_features(cfg, backbone, prepared, plan, progress, log)
+        prepared = audit_data(cfg, backbone, prepared, features, run_dir, log)
         plan = plan_training(cfg, backbone, prepared, features, plan, log)
         plan, trained = train_model(cfg, plan, backbone, prepared, features, run_dir, progress, log)
         evaluation = evaluate_model(plan, trained, prepared, features, progress)
@@ -301,6 +305,11 @@ def prepare_data(cfg: TrainConfig, images: LabelledImages, pp: Preprocessing, ru
     with dist.main_first():  # the main process fills the shared image store, the others then read it
         decoded = decode_all(images, pp, progress=progress)
     decoded, small = drop_small_classes(decoded, cfg.min_per_class, _given_splits(cfg, decoded.samples))
+    decoded, unmatched = exclude_listed(decoded, cfg.exclude)
+    if cfg.exclude:
+        gone = sum(reason == f"excluded by {cfg.exclude}" for _, reason in decoded.skipped)
+        log(f"excluded {gone} image(s) listed in {cfg.exclude} (--exclude; listed in skipped_files.csv)"
+            + (f"; {unmatched} of its entries match no image" if unmatched else ""))
     if small:
         log(f"left out {len(small)} class(es) with fewer than {cfg.min_per_class} usable images (--min-per-class): "
             + ", ".join(f"'{c}' ({n})" for c, n in small[:10]) + (" …" if len(small) > 10 else ""))
@@ -407,6 +416,48 @@ def extract_features(cfg: TrainConfig, backbone: Backbone, data: PreparedData, p
     seconds = time.perf_counter() - t0
     log(f"features: {tuple(feats.shape)} {'from cache' if cached else 'computed'} in {seconds:.1f}s")
     return replace(backbone, card=None), Features(feats, cached, seconds)
+
+
+def audit_data(cfg: TrainConfig, backbone: Backbone, data: PreparedData, features: Features, run_dir: Path,
+               log: Callable[[str], None]) -> PreparedData:
+    """`--audit`: label issues, image quality, duplicates, balance and outliers on this run's splits and cached
+    features (audit.find_issues) -> RUN/audit/. auto: where the features are at hand and the data has at most
+    audit.AUTO_MAX_IMAGES images (the k-fold probe on them takes seconds); on: wherever the features are."""
+    from .audit import AUTO_MAX_IMAGES, AuditData, audit_into, summary_lines
+
+    n = len(data.decoded.samples)
+    if cfg.audit == "off" or not dist.is_main() or data.old is not None:
+        return data
+    if features.values is None or (cfg.audit == "auto" and n > AUTO_MAX_IMAGES):
+        why = ("no frozen features in this run" if features.values is None else
+               f"{n:,} images, over {AUTO_MAX_IMAGES:,}")
+        log(f"audit: not run ({why}); `affinage audit --data {cfg.data}` or `--audit on` runs it")
+        return data
+    split_of = [""] * n
+    for name, idx in data.splits.items():
+        for i in idx:
+            split_of[i] = name
+    pp = backbone.preprocessing
+    key = digest("audit-v1", data.key, cfg.model, str(cfg.image_size), json.dumps(pp.to_dict(), sort_keys=True),
+                 str(cfg.seed))
+    try:
+        findings = audit_into(AuditData(data.decoded, split_of, features.values.float().numpy(), cfg.data, pp), key,
+                              run_dir / "audit", cfg.seed, log)
+    except Exception as exc:  # auto: a check that cannot run on these data never stops the training
+        if cfg.audit == "on":
+            raise
+        log(f"audit: not run ({type(exc).__name__}: {str(exc)[:200]}); `affinage audit` runs it alone")
+        return data
+    for line in summary_lines(findings, run_dir / "audit"):
+        log(line)
+    summary = {"label_issues": len(findings["label_issues"]["candidates"]),
+               "image_issues": findings["image_issues"]["counts"],
+               "duplicate_clusters": len(findings["duplicates"]["clusters"]),
+               "outliers": len(findings["outliers"]["outliers"]),
+               "imbalance_ratio": findings["balance"]["imbalance_ratio"],
+               "warnings": findings["balance"]["warnings"], "seconds": findings["seconds"]["total"],
+               "files": str(run_dir / "audit")}
+    return replace(data, audit=summary)
 
 
 def plan_training(cfg: TrainConfig, backbone: Backbone, data: PreparedData, features: Features, plan: Plan,
@@ -517,7 +568,7 @@ def write_run(run_dir: Path, cfg: TrainConfig, images: LabelledImages, backbone:
             write_predictions(run_dir / "val_predictions.csv", [samples[i].key for i in val], [hashes[i] for i in val],
                               [samples[i].label for i in val], softmax(val_logits), list(data.labels.classes))
         metrics = _metrics(cfg, images, backbone, data, features, plan, trained, evaluation, started)
-        metrics["footprint"] = footprint.stop()
+        metrics["footprint"] = footprint.stop(data.decoded.bytes_read)
         write_history(run_dir, trained.history)
         write_metrics(run_dir, metrics)
         remove_checkpoints(run_dir)
@@ -648,6 +699,12 @@ def _metrics(cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data:
     if evaluation.by_task:
         metrics["tasks"] = _task_metrics(data, evaluation, cfg.seed)
     metrics["leaks"] = data.leaks
+    if data.audit is not None:
+        metrics["audit"] = data.audit
+    if cfg.balance != "none":
+        from .balance import describe
+
+        metrics["balance"] = describe(cfg.balance, data.y[splits.train], classes)
     metrics["targets"] = check_targets(data.targets, metrics["test"], metrics.get("tasks"))
     metrics["diagnosis"] = diagnose(trained.history, evaluation.test, classes,
                                     leaks=0 if data.leaks["dropped"] else data.leaks["pairs"],
@@ -777,7 +834,9 @@ def _trust_lines(metrics: dict[str, Any]) -> list[str]:
                      + f"{' > ' + format(groups['threshold'], '.2f') + ': FLAGGED' if groups['flagged'] else ''})")
     fp = metrics["footprint"]
     lines.append(f"footprint: {fp['energy_kwh'] * 1000:.3g} Wh, {fp['co2_kg'] * 1000:.3g} g CO2e ({fp['country']}), "
-                 f"{fp['water_l']:.3g} L water — {fp['method']}")
+                 f"{fp['water_l']:.3g} L water; {fp.get('bytes_downloaded', 0) / 1e6:.3g} MB downloaded "
+                 f"({fp.get('transfer_kwh', 0) * 1000:.3g} Wh of transfer), {(fp.get('bytes_read') or 0) / 1e6:.3g} MB "
+                 f"of images read — {fp['method']}")
     return lines
 
 

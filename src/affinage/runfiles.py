@@ -88,7 +88,11 @@ METRICS_SCHEMA: dict[str, str] = {
     "targets*": "each --target with its value and passed; ci95 and established (the interval's bound on the "
                 "passing side passes too), images_needed where passed but not established",
     "diagnosis*": "learning-curve findings",
-    "footprint*": "energy_kwh, co2_kg, water_l, country, method",
+    "footprint*": "energy_kwh, co2_kg, water_l, country, method; bytes_downloaded (hub caches before/after), bytes_read "
+                  "(image files), transfer_kwh / transfer_co2_kg (0.06 kWh/GB), total_energy_kwh, total_co2_kg",
+    "audit": "--audit: label_issues, image_issues {check: n}, duplicate_clusters, outliers, imbalance_ratio, warnings, "
+             "seconds, files (RUN/audit/: audit.html, label_issues.csv, image_issues.csv, duplicates.csv, audit.json)",
+    "balance": "--balance weights|sampler: mode, class_weights {class: n / (k n_c)}, how",
 }
 
 

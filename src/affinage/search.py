@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,7 @@ def _imprinted(head: Any, data: Any, features: Any) -> Any:
 # Candidates
 # ----------------------------------------------------------------------------------------------
 def _probe(cfg: TrainConfig, data: Any, features: Any, log: Callable[[str], None]) -> Any:
+    from .balance import probe_class_weight
     from .probe import fit_probe
 
     train, val = data.splits.train, data.splits.val
@@ -203,7 +204,7 @@ def _probe(cfg: TrainConfig, data: Any, features: Any, log: Callable[[str], None
             + " chosen on val")
         return fit
     fit = fit_probe(feats[train], data.y[train], feats[val], data.y[val], len(data.labels),
-                    seed=stage_seed(cfg.seed, "probe"))
+                    seed=stage_seed(cfg.seed, "probe"), class_weight=probe_class_weight(cfg.balance))
     log(f"probe on frozen features: C={fit.C:g} chosen on val (val accuracy "
         f"{next(r['val_accuracy'] for r in fit.choice.table if r['chosen']):.3f}, {len(fit.choice.table)} C values, "
         f"{fit.seconds:.1f}s)")
@@ -380,6 +381,7 @@ def _last_points(cfg: TrainConfig, plan: Any, winner: Candidate, backbone: Any, 
         log(f"refit: the prototypes computed again on train + val ({len(both)} images; temperature "
             f"{winner.hp['temperature']:g}, chosen on val)")
     elif refit and winner.name == "linear-probe" and probe is not None:
+        from .balance import probe_class_weight
         from .probe import refit_probe
 
         feats = features.values.float().numpy()
@@ -391,7 +393,7 @@ def _last_points(cfg: TrainConfig, plan: Any, winner: Candidate, backbone: Any, 
                                           stage_seed(cfg.seed, "probe"))
         else:
             extras["head"] = refit_probe(probe.C, feats[both], data.y[both], len(data.labels),
-                                         stage_seed(cfg.seed, "probe"))
+                                         stage_seed(cfg.seed, "probe"), probe_class_weight(cfg.balance))
         extras["refit"] = True
         log(f"refit: the probe (C={probe.C:g}, chosen on val) fitted again on train + val ({len(both)} images)")
     elif refit and winner.fine_tune is not None:
@@ -590,7 +592,7 @@ def new_head(cfg: TrainConfig, num_features: int, labels: Any, hidden: int | Non
 def fit_head(cfg: TrainConfig, hp: dict[str, Any], head: Any, features: Any, data: Any, run_dir: Path, phase: str,
              log: Callable[[str], None]) -> tuple[Any, Any]:
     """Train a head (the MLP of strategy `head`) on the cached features with AdamW, early-stopped on val."""
-    from .keep import training_parts, val_weights
+    from .keep import training_parts
     from .strategies import decay_groups
     from .train import LoopSettings, fit
 
@@ -600,18 +602,38 @@ def fit_head(cfg: TrainConfig, hp: dict[str, Any], head: Any, features: Any, dat
     old = data.old  # on cached features the old head alone is the teacher (the backbone is frozen)
     sampler, loss = training_parts(old, data.splits.train, data.is_old, hp["batch_size"],
                                    old.head if old is not None else None, cfg.label_smoothing)
+    weights, sampler = _balanced(cfg, data, data.splits.train, hp["batch_size"], sampler)
     result = fit(head, tensors["train"], tensors["val"], groups,
                  LoopSettings(epochs=hp["epochs"], batch_size=hp["batch_size"], warmup_epochs=cfg.warmup_epochs,
                               patience=hp["patience"], num_workers=0, phase=phase, progress=False,
                               checkpoint=run_dir / CHECKPOINT_DIR / f"{phase}.pt", checkpoint_every=10.0,
                               distributed=False, label_smoothing=cfg.label_smoothing,
                               seed=stage_seed(cfg.seed, phase), precision=_precision(), grad_accum=cfg.grad_accum,
-                              checkpoint_key=data.key, batch_sampler=sampler, **_objective(data, cfg, head, loss),
-                              val_weights=val_weights(old, data.splits.val, data.is_old)),
+                              checkpoint_key=data.key, batch_sampler=sampler, class_weights=weights,
+                              **_objective(data, cfg, head, loss),
+                              val_weights=_val_weights(cfg, data, old, data.splits.val)),
                  log=log)
     head = head.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
     log(f"head on frozen features: val accuracy {result.best_val_accuracy:.3f} (epoch {result.best_epoch})")
     return head, result
+
+
+def _balanced(cfg: TrainConfig, data: Any, train: Sequence[int], batch_size: int, sampler: Any) -> tuple[Any, Any]:
+    """--balance: (the loss's class weights, the batch sampler): weights, or a class-balanced sampler (balance.py)."""
+    from .balance import balanced_batches, loss_weights
+
+    y = data.y[list(train)]
+    return loss_weights(cfg.balance, y, len(data.labels)), balanced_batches(cfg.balance, y, batch_size) or sampler
+
+
+def _val_weights(cfg: TrainConfig, data: Any, old: Any, val: Sequence[int]) -> Any:
+    """The val weights of the loop: --init-from's (both tasks count equally), --balance's (balanced accuracy: every
+    class counts equally), or None (plain accuracy)."""
+    from .balance import balanced_val_weights
+    from .keep import val_weights
+
+    keep = val_weights(old, val, data.is_old)
+    return keep if keep is not None else balanced_val_weights(cfg.balance, data.y[list(val)])
 
 
 def _precision() -> Any:
@@ -624,7 +646,7 @@ def fine_tune(cfg: TrainConfig, plan: Any, net: Any, data: Any, run_dir: Path, p
               log: Callable[[str], None], stop: Any = None, checkpoint: str = "fine-tune.pt") -> tuple[Any, Any]:
     """Train the blocks the strategy unfreezes (and the head) on augmented images; LoRA merges its adapters."""
     from .data import PixelDataset, eval_transform, train_transform
-    from .keep import Teacher, training_parts, val_weights
+    from .keep import Teacher, training_parts
     from .strategies import set_norms_eval
     from .train import LoopSettings, default_workers, fit
 
@@ -639,6 +661,7 @@ def fine_tune(cfg: TrainConfig, plan: Any, net: Any, data: Any, run_dir: Path, p
     teacher = Teacher(net, old.head) if old is not None and old.distill and strategy.name != "scratch" else None
     sampler, loss = training_parts(old, splits.train, data.is_old, hp["batch_size"], teacher,
                                    cfg.label_smoothing)
+    weights, sampler = _balanced(cfg, data, splits.train, hp["batch_size"], sampler)
     module = strategy.wrap(net, hp)
     groups = strategy.param_groups(module, hp)
     strategy.apply(module, 0, hp["epochs"])
@@ -648,8 +671,8 @@ def fine_tune(cfg: TrainConfig, plan: Any, net: Any, data: Any, run_dir: Path, p
                               checkpoint=run_dir / CHECKPOINT_DIR / checkpoint, label_smoothing=cfg.label_smoothing,
                               seed=stage_seed(cfg.seed, "fine-tune"), precision=plan.precision,
                               grad_accum=cfg.grad_accum, checkpoint_key=data.key + strategy.name, stop=stop,
-                              batch_sampler=sampler, **_objective(data, cfg, module, loss),
-                              val_weights=val_weights(old, splits.val, data.is_old)),
+                              batch_sampler=sampler, class_weights=weights, **_objective(data, cfg, module, loss),
+                              val_weights=_val_weights(cfg, data, old, splits.val)),
                  on_epoch_start=lambda e: strategy.apply(module, e, hp["epochs"]),
                  after_train_mode=lambda m: set_norms_eval(m, not cfg.train_bn_stats), log=log)
     if module is not net:  # LoRA: keep the adapter (with its head) as peft saves it, then merge for inference

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .balance import ClassWeightedLoss
 from .errors import AffinageError
 from .inference import (  # noqa: F401 - re-exported: inference lived here before it had its own module
     Precision,
@@ -122,6 +123,8 @@ class LoopSettings:
     # several labels per image (tasks.TaskObjective): y is (batch, tasks); accuracy counts every known (image, task)
     # label and the val loss sums the tasks'. None: one task, y is (batch,)
     objective: Any = None
+    # --balance weights (balance.py): per-class weights of the cross-entropy; None: unweighted
+    class_weights: torch.Tensor | None = None
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -310,7 +313,7 @@ class _Loop:
             return objective.val_loss(logits, y), right / max(1, known)
         return loss_sum / max(1, count), weighted if weights is not None else correct / max(1, count)
 
-    def train_epoch(self, epoch: int, loss_fn: nn.Module, progress: bool) -> tuple[float, int, int, int]:
+    def train_epoch(self, epoch: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], progress: bool) -> tuple[float, int, int, int]:
         """One pass over the training data: (loss sum, correct, images, labels) over all processes. Sets `result.diverged`
         (and stops) on a NaN/inf loss, at the same step on every process."""
         from tqdm.auto import tqdm
@@ -429,7 +432,8 @@ def fit(module: nn.Module, train_data: Any, val_data: Any, groups: list[dict[str
         log(f"  {settings.phase}: batch size {settings.batch_size} is not a multiple of {processes} processes: "
             f"{batch_size} images per step ({batch_size // processes} per process)")
     loop = _Loop(settings, accelerator, module, optimizer, scheduler, train_loader, val_loader, together, frozen)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    loss_fn = (nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing) if settings.class_weights is None
+               else ClassWeightedLoss(settings.class_weights, settings.label_smoothing))  # --balance weights
     done, finished = loop.start(trainable, log)
     result = loop.result
     spent_before, start = result.train_seconds, time.perf_counter()
