@@ -154,7 +154,7 @@ def train_steps(model: str, x: torch.Tensor, device: torch.device) -> dict[str, 
 def predict_figures(run_dir: str, pixels: np.ndarray) -> dict[str, float]:
     from affinage.saved import Run
 
-    run = Run(run_dir)
+    run = Run.load(run_dir)
     run.logits(pixels[:1])  # load and warm up
     latencies = []
     for i in range(min(50, len(pixels))):
