@@ -223,3 +223,24 @@ def test_the_demo_page_shows_one_label_per_task(multi_run: Path, tiny_images: Pa
         assert predict(None) == [None] * len(TASKS)
     finally:
         app._affinage_model.close()
+
+
+def test_compare_shows_the_first_tasks_val_and_the_per_task_difference(multi_run: Path, tmp_path: Path) -> None:
+    """compare chooses on the first task's val predictions: its row shows that task's val accuracy (not metrics'
+    every-task figure); multitask_table gives each task's difference to its single-task run and LibMTL's Delta_m."""
+    from affinage.compare import finish, multitask_table, row_from_run
+
+    row = row_from_run("partial:1", multi_run, 10.0)
+    finish(tmp_path, [row], [], log=lambda _: None)
+    val = list(csv.DictReader(open(multi_run / "val_predictions.csv", encoding="utf-8")))
+    first = sum(r["label"] == r["predicted"] for r in val) / len(val)
+    assert row["val_accuracy"] == pytest.approx(first)
+    metrics = json.loads((multi_run / "metrics.json").read_text())
+    assert metrics["val"]["n"] > len(val)  # metrics' val counts every task's known labels
+    solo = dict(row, wall_seconds=4.0, energy_kwh=1e-4)  # the same run stands in for each task trained alone
+    table = multitask_table(tmp_path, [row], {("partial:1", t): solo for t in TASKS}, list(TASKS), log=lambda _: None)
+    per_task = [t for t in table if t["task"] in TASKS]
+    assert [t["task"] for t in per_task] == list(TASKS) and all(t["difference"] == 0 for t in per_task)
+    summary = table[-1]
+    assert summary["relative_difference"] == 0 and summary["alone_wall_seconds"] == 4.0 * len(TASKS)
+    assert "Delta_m" in (tmp_path / "compare.md").read_text() and (tmp_path / "multitask.csv").exists()

@@ -219,7 +219,9 @@ def row_from_run(strategy: str, run_dir: Path, process_seconds: float) -> dict[s
     timing, footprint = m.get("timing", {}), m.get("footprint") or {}
     old, new = m.get("old_task") or {}, m.get("new_task") or {}
     checks = m.get("targets") or []
-    val = m.get("val") or {}
+    # several tasks: metrics' val is every task's known labels together; compare chooses on the first task's val
+    # predictions, so its row shows that task's val accuracy (finish fills it in from val_predictions.csv)
+    val = {} if m.get("tasks") else (m.get("val") or {})
     return {
         "strategy": m.get("strategy", strategy),
         "auto_pick": False,  # set by finish()
