@@ -251,3 +251,10 @@ def test_audit_of_data_too_small_to_split_runs_without_splits(tmp_path: Path, ti
     findings = audit(str(data), model=str(tiny_timm), out=tmp_path / "audit", **quiet)
     assert "class 'blue_bar' has 1 image(s) and no split" in " ".join(findings["balance"]["warnings"])
     assert findings["label_issues"]["n_tested"] == 12  # the one-image class cannot be predicted out of fold
+
+
+def test_the_audit_page_escapes_file_names_that_are_not_utf8() -> None:
+    """audit.html is UTF-8: a file name's raw bytes (surrogate escapes) are shown as \\xNN, never written raw."""
+    from affinage.audit_page import _e
+
+    assert _e("photos/a\udcff<b>.jpg") == "photos/a\\xff&lt;b&gt;.jpg"

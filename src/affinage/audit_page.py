@@ -1,16 +1,13 @@
 """audit.html: one self-contained page (thumbnails as inline data URIs, no network request), a section per finding."""
 from __future__ import annotations
 
-import base64
-import html
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .data import DecodedImages
+from .data import DecodedImages, html_text, jpeg_data_uri
 from .storage import write_text
 
 THUMB = 112  # pixels per side of a thumbnail
@@ -25,8 +22,7 @@ padding:3px 6px}td.num{text-align:right}td.small{background:#fdd}.cluster{border
 .warn{color:#a40}"""
 
 
-def _e(v: Any) -> str:
-    return html.escape(str(v))
+_e = html_text  # file names that are not UTF-8 (surrogate escapes) cannot go into the UTF-8 page raw
 
 
 def thumbnail(pixels: np.ndarray) -> str:
@@ -35,9 +31,7 @@ def thumbnail(pixels: np.ndarray) -> str:
 
     image = Image.fromarray(np.ascontiguousarray(np.asarray(pixels).transpose(1, 2, 0)))
     image.thumbnail((THUMB, THUMB))
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return jpeg_data_uri(image, quality=80)
 
 
 def _card(decoded: DecodedImages, index: int, lines: Sequence[str], split: str = "") -> str:

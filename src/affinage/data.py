@@ -120,6 +120,23 @@ def printable(text: str) -> str:
     return text.encode("utf-8", PRINTABLE_ERRORS).decode("utf-8")
 
 
+def html_text(text: Any) -> str:
+    """HTML-escaped text for the UTF-8 pages (report, gallery, audit); non-UTF-8 file names shown as \\xNN."""
+    import html
+
+    return html.escape(printable(str(text)), quote=True)
+
+
+def jpeg_data_uri(image: "Image.Image", quality: int = 80) -> str:  # noqa: F821
+    """A data: URI of `image` as a JPEG: thumbnails inside self-contained HTML pages."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def load_source(spec: str, group_by: str | None = None, tasks: Sequence[str] = (), image_column: str | None = None,
                 label_column: str | None = None) -> LabelledImages:
     """Resolve a data spec: a class-folder tree, a train/val[/test] tree, a CSV, `hf:<id>[:config]` or `digits`.

@@ -5,8 +5,6 @@ metrics.json alone; thumbnails are embedded as base64 JPEG, so the HTML stays se
 Gradio page)."""
 from __future__ import annotations
 
-import base64
-import html
 import io
 import math
 import os
@@ -17,13 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from .data import printable
+from .data import html_text, jpeg_data_uri
 from .runfiles import Predictions, read_metrics, read_predictions
 
-
-def _h(text: str) -> str:
-    """HTML-escaped and printable: a non-UTF-8 file or class name (surrogate escapes) cannot go into UTF-8 HTML."""
-    return html.escape(printable(text))
+_h = html_text  # a non-UTF-8 file or class name (surrogate escapes) cannot go into UTF-8 HTML raw
 
 TOP_LOSSES = 16
 CONFUSED_PAIRS = 10
@@ -90,9 +85,7 @@ def thumbnail(source: str | bytes, size: int = THUMBNAIL) -> str | None:
             img.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale
             small = ImageOps.exif_transpose(img).convert("RGB")
             small.thumbnail((size, size))
-            buf = io.BytesIO()
-            small.save(buf, format="JPEG", quality=82)
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+            return jpeg_data_uri(small, quality=82)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
 

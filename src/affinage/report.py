@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import os
 from collections.abc import Sequence
@@ -12,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .data import PATH_ERRORS, printable
+from .data import PATH_ERRORS, html_text
 from .errors import AffinageError
 from .gallery import GALLERY_CSS
 from .runfiles import read_history, read_metrics
@@ -457,8 +456,7 @@ def _environment(metrics: dict[str, Any]) -> str:
 # HTML and plotting helpers
 # ----------------------------------------------------------------------------------------------
 def _e(text: Any) -> str:
-    """HTML-escaped text; bytes of non-UTF-8 file names (surrogate escapes) shown as \\xNN."""
-    return html.escape(printable(str(text)), quote=True)
+    return html_text(text)
 
 
 def _ci(ci: Sequence[float] | None) -> str:
