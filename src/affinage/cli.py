@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .config import AUGMENT_PRESETS, COMPARE_STRATEGIES, KEEP_MODES, PRECISIONS, REPORT_TO, STRATEGY_NAMES
+from .config import AUGMENT_PRESETS, COMPARE_STRATEGIES, KEEP_MODES, PRECISIONS, REPORT_TO, RUNTIMES, STRATEGY_NAMES
 from .errors import AffinageError
 
 DEMO_DATA = "digits"
@@ -122,6 +122,9 @@ def _add_train_options(p: argparse.ArgumentParser, data_required: bool = True) -
                         "reason); default: refuse data with classes too small to split, naming them")
     d.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16/fp16 on GPU; fp32 training and bf16 inference on CPUs with AVX512-BF16")
+    d.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="frozen-backbone features: auto (measure torch and onnxruntime on a check batch of your "
+                        "images, verify ONNX against fp32 torch, keep the faster; remembered per machine), torch, onnx")
     d.add_argument("--num-workers", type=int, help="DataLoader workers (default: 0 on CPU, up to 8 on GPU)")
     d.add_argument("--no-pretrained", action="store_true", help="random init instead of pretrained weights")
     d.add_argument("--trust-remote-code", action="store_true", help="allow custom code from a Hub model repo")
@@ -175,7 +178,7 @@ def _rgb(text: str) -> list[float]:
 def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("seed", "epochs", "lr", "batch_size", "weight_decay", "layer_decay", "label_smoothing", "augment",
             "warmup_epochs", "patience", "head_init", "image_size", "grad_accum", "val_fraction", "test_fraction",
-            "splits_from", "group_by", "min_per_class", "precision", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha", "mean", "std",
+            "splits_from", "group_by", "min_per_class", "precision", "runtime", "num_workers", "trust_remote_code", "train_bn_stats", "train_image_size", "lr_min", "lora_rank", "lora_alpha", "mean", "std",
             "budget", "budget_factor", "interpolate", "tta", "refit", "init_from", "old_data", "keep",
             "replay_fraction", "distill_temperature", "distill_weight", "tasks", "task_weighting", "train_tasks",
             "unknown_values", "folds", "report_to", "image_column", "label_column", "audit", "exclude", "balance")

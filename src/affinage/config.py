@@ -15,6 +15,7 @@ STRATEGY_NAMES = ("auto", "linear-probe", "head", "partial:N", "full", "progress
 COMPARE_STRATEGIES = ("linear-probe", "head", "partial:2", "progressive", "full", "lora")  # `affinage compare`'s default
 AUGMENT_PRESETS = ("none", "light", "strong")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RUNTIMES = ("auto", "torch", "onnx")  # frozen-backbone forward passes (runtime.py)
 
 
 def check_strategy(name: str) -> str:
@@ -63,6 +64,7 @@ class TrainConfig:
     train_image_size: int | None = None  # None: 80% of image_size for convnets (FixRes: faster, as accurate), else equal
     pretrained: bool = True  # False: random init (tests, from-scratch baselines)
     precision: str = "auto"  # auto: bf16 autocast where the hardware runs it fast (inference on AVX512-BF16 CPUs, GPUs)
+    runtime: str = "auto"  # frozen features: auto measures torch against onnxruntime on this machine (runtime.py)
     num_workers: int | None = None
     grad_accum: int = 1
     splits_from: str | None = None  # a run directory whose split lists to reuse
@@ -165,6 +167,8 @@ class TrainConfig:
             raise AffinageError(f"unknown augmentation preset '{self.augment}'", f"choose one of {', '.join(AUGMENT_PRESETS)}")
         if self.precision not in PRECISIONS:
             raise AffinageError(f"unknown precision '{self.precision}'", f"choose one of {', '.join(PRECISIONS)}")
+        if self.runtime not in RUNTIMES:
+            raise AffinageError(f"unknown runtime '{self.runtime}'", f"choose one of {', '.join(RUNTIMES)}")
         if self.head_init not in ("probe", "random"):
             raise AffinageError(f"unknown head_init '{self.head_init}'", "choose probe or random")
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):

@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from torch import nn
 
 from .data import PixelDataset, Preprocessing, eval_transform
 from .storage import atomic_path, cache_dir, digest
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -120,16 +124,20 @@ def _run_local(fn: Callable[[torch.Tensor], torch.Tensor], pixels: np.ndarray, i
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-def feature_cache_path(model_key: str, dtype: torch.dtype | None, hashes: list[str]) -> Path:
-    """Where the features of these files (content hashes, in order) under this backbone and precision live."""
-    return cache_dir() / "features" / f"{digest('features-v1', model_key, str(dtype), *hashes)}.safetensors"
+def feature_cache_path(model_key: str, dtype: torch.dtype | None, hashes: list[str],
+                       runtime: Runtime | None = None) -> Path:
+    """Where the features of these files (content hashes, in order) under this backbone and precision (or runtime)
+    live."""
+    tag = runtime.cache_tag if runtime is not None else str(dtype)
+    return cache_dir() / "features" / f"{digest('features-v1', model_key, tag, *hashes)}.safetensors"
 
 
-def load_cached_features(model_key: str, dtype: torch.dtype | None, hashes: list[str]) -> torch.Tensor | None:
+def load_cached_features(model_key: str, dtype: torch.dtype | None, hashes: list[str],
+                         runtime: Runtime | None = None) -> torch.Tensor | None:
     """The cached features, or None when they were never computed (or the file is unreadable)."""
     from safetensors.torch import load_file
 
-    path = feature_cache_path(model_key, dtype, hashes)
+    path = feature_cache_path(model_key, dtype, hashes, runtime)
     try:
         return load_file(str(path))["features"] if path.exists() else None
     except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, never trusted
@@ -137,9 +145,11 @@ def load_cached_features(model_key: str, dtype: torch.dtype | None, hashes: list
 
 
 def cached_features(model: nn.Module, model_key: str, pixels: np.ndarray, hashes: list[str], pp: Preprocessing,
-                    device: torch.device, dtype: torch.dtype | None, progress: bool = True) -> tuple[torch.Tensor, bool]:
+                    device: torch.device, dtype: torch.dtype | None, progress: bool = True,
+                    runtime: Runtime | None = None) -> tuple[torch.Tensor, bool]:
     """Pooled backbone features for every row of `pixels`, computed once and cached on disk, keyed by
-    backbone weights + preprocessing + precision + file contents.
+    backbone weights + preprocessing + precision (or `runtime`, see runtime.py; None: torch in `dtype`) + file
+    contents.
 
     In a multi-process run every process must call this (it is collective): the cache is used only when every
     process can read it (on several machines, each has its own cache directory); otherwise each process computes
@@ -148,13 +158,14 @@ def cached_features(model: nn.Module, model_key: str, pixels: np.ndarray, hashes
 
     from . import distributed
 
-    cached = load_cached_features(model_key, dtype, hashes)
+    cached = load_cached_features(model_key, dtype, hashes, runtime)
     if distributed.all_true(cached is not None):
         return cached, True  # type: ignore[return-value]
-    path = feature_cache_path(model_key, dtype, hashes)
+    path = feature_cache_path(model_key, dtype, hashes, runtime)
     model.eval()
-    feats = run_batches(model.forward_features, pixels, list(range(len(hashes))), pp, device, dtype,  # type: ignore[operator]
-                        desc="extracting features", progress=progress)
+    forward = runtime.features_fn(model) if runtime is not None else model.forward_features
+    feats = run_batches(forward, pixels, list(range(len(hashes))), pp, device,  # type: ignore[arg-type]
+                        runtime.dtype if runtime is not None else dtype, desc="extracting features", progress=progress)
     if distributed.is_main():
         with atomic_path(path) as tmp:
             save_file({"features": feats.contiguous()}, str(tmp))

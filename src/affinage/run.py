@@ -112,6 +112,7 @@ class Features:
     values: Any  # torch.Tensor | None
     cached: bool | None
     seconds: float
+    runtime: Any = None  # runtime.Runtime that computed them (None: no features)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class Plan:
     device: Any
     precision: Any  # inference.Precision
     candidates: tuple[str, ...] = ()  # the strategies to try, in order (one for a named strategy)
+    runtime: Any = None  # runtime.Runtime of the frozen features (None: no features in this run)
 
 
 @dataclass(frozen=True)
@@ -391,6 +393,7 @@ def extract_features(cfg: TrainConfig, backbone: Backbone, data: PreparedData, p
 
     from .backbones import fingerprint, save_card
     from .inference import cached_features, load_cached_features
+    from .runtime import choose_runtime
     from .strategies import get_strategy
 
     needed = (cfg.strategy == "auto" or get_strategy(cfg.strategy).uses_cached_features or cfg.head_init == "probe"
@@ -398,24 +401,29 @@ def extract_features(cfg: TrainConfig, backbone: Backbone, data: PreparedData, p
     if not needed:
         return backbone, Features(None, None, 0.0)
     t0 = time.perf_counter()
-    dtype, hashes = plan.precision.inference_dtype, data.decoded.hashes
-    if backbone.card is not None:
-        feats = load_cached_features(backbone.card.fingerprint, dtype, hashes)
+    dtype, hashes, pixels = plan.precision.inference_dtype, data.decoded.hashes, data.decoded.pixels
+    if backbone.card is not None:  # a remembered runtime decision is all a card run needs to find its features
+        runtime = choose_runtime(cfg.runtime, None, backbone.card.fingerprint, pixels, backbone.preprocessing,
+                                 plan.device, dtype, len(hashes), log)
+        feats = load_cached_features(backbone.card.fingerprint, dtype, hashes, runtime)
         if feats is not None:
             log(f"features: {tuple(feats.shape)} from cache in {time.perf_counter() - t0:.1f}s")
-            return backbone, Features(feats, True, time.perf_counter() - t0)
+            return backbone, Features(feats, True, time.perf_counter() - t0, runtime)
         backbone = replace(backbone, net=_build_net(cfg), seconds=backbone.seconds + time.perf_counter() - t0)
     net = backbone.net
     net.to(plan.device).to(memory_format=torch.channels_last)
     known = backbone.card.fingerprint if backbone.card is not None else None  # a card: neither rehashed nor rewritten
     model_key = known or fingerprint(net)
-    feats, cached = cached_features(net, model_key, data.decoded.pixels, hashes, backbone.preprocessing, plan.device,
-                                    dtype, progress)
+    runtime = choose_runtime(cfg.runtime, net, model_key, pixels, backbone.preprocessing, plan.device, dtype,
+                             len(hashes), log)
+    feats, cached = cached_features(net, model_key, pixels, hashes, backbone.preprocessing, plan.device, dtype,
+                                    progress, runtime)
     if known is None and dist.is_main():
         save_card(backbone.card_key, net, model_key)
     seconds = time.perf_counter() - t0
-    log(f"features: {tuple(feats.shape)} {'from cache' if cached else 'computed'} in {seconds:.1f}s")
-    return replace(backbone, card=None), Features(feats, cached, seconds)
+    log(f"features: {tuple(feats.shape)} {'from cache' if cached else 'computed'} in {seconds:.1f}s "
+        f"({runtime.name}{'' if cached else ': ' + runtime.reason})")
+    return replace(backbone, card=None), Features(feats, cached, seconds, runtime)
 
 
 def audit_data(cfg: TrainConfig, backbone: Backbone, data: PreparedData, features: Features, run_dir: Path,
@@ -471,7 +479,7 @@ def plan_training(cfg: TrainConfig, backbone: Backbone, data: PreparedData, feat
     if cfg.strategy != "auto":
         strategy = get_strategy(cfg.strategy)
         return replace(plan, strategy=strategy, hp=resolve_hp(cfg, strategy, backbone, len(data.splits.train)),
-                       reason=f"{strategy.name}, as requested", candidates=(strategy.name,))
+                       reason=f"{strategy.name}, as requested", candidates=(strategy.name,), runtime=features.runtime)
     train = data.splits.train
     pretrained = backbone.net.pretrained_head.linear() if backbone.net.pretrained_head is not None else None
     evidence = domain_evidence(features.values[train], data.y[train], pretrained, stage_seed(cfg.seed, "auto"))
@@ -479,7 +487,8 @@ def plan_training(cfg: TrainConfig, backbone: Backbone, data: PreparedData, feat
     if cfg.candidates:  # the user's list, in the evidence's order where it names the same strategies
         order = [n for n in order if n in cfg.candidates] + [n for n in cfg.candidates if n not in order]
     log(f"auto: trying {', '.join(order)} ({why}; {describe_evidence(evidence)})")
-    return replace(plan, reason=f"order of trial: {why} ({describe_evidence(evidence)})", evidence={**evidence, "order": order}, candidates=tuple(order))
+    return replace(plan, reason=f"order of trial: {why} ({describe_evidence(evidence)})",
+                   evidence={**evidence, "order": order}, candidates=tuple(order), runtime=features.runtime)
 
 
 def train_model(cfg: TrainConfig, plan: Plan, backbone: Backbone, data: PreparedData, features: Features,
@@ -635,9 +644,12 @@ def _write_model(run_dir: Path, plan: Plan, backbone: Backbone, trained: Trained
         state = {k: v for k, v in state.items() if not k.startswith("heads.")} | task_states(multi)
         heads = {s.task: HeadInfo(s, hidden) for s in data.tasks.spaces}
         task = data.tasks.names[0]
-    info = ModelInfo(spec.to_dict(), pp, heads, strategy.name, plan.precision.inference,
+    on_features = strategy.uses_cached_features and plan.runtime is not None
+    info = ModelInfo(spec.to_dict(), pp, heads, strategy.name,
+                     plan.runtime.precision if on_features else plan.precision.inference,
                      "features" if strategy.uses_cached_features else "pixels", task,
                      extra={**({"tta": True} if trained.extras.get("tta") else {}),
+                            **({"runtime": "onnx"} if on_features and plan.runtime.name == "onnx" else {}),
                             **({"old_classes": data.old.n_old, "init_from": data.old.source, "keep": data.old.mode}
                                if data.old is not None else {})})
     write_model(run_dir, state, info)
@@ -681,7 +693,10 @@ def _metrics(cfg: TrainConfig, images: LabelledImages, backbone: Backbone, data:
                  "skipped": len(data.decoded.skipped),
                  "classes_left_out": {c: n for c, n in data.left_out}},
         "model": {**(net.describe() if net is not None else backbone.card.describe(trainable)),
-                  "trainable_params": trainable, "inference_precision": plan.precision.inference},
+                  "trainable_params": trainable,
+                  "inference_precision": (plan.runtime.precision if plan.strategy.uses_cached_features
+                                          and plan.runtime is not None else plan.precision.inference),
+                  **({"feature_runtime": plan.runtime.to_dict()} if plan.runtime is not None else {})},
         "timing": {"wall_seconds": time.perf_counter() - started, "model_load_seconds": backbone.seconds,
                    "decode_seconds": data.seconds, "decode_cache_hit": data.decoded.cache_hit,
                    "decoded_images": data.decoded.decoded_count, "hashed_files": data.decoded.hashed_count,

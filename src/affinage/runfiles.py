@@ -72,7 +72,8 @@ METRICS_SCHEMA: dict[str, str] = {
     "diverged*": "null, or why training stopped on a NaN/inf loss",
     "hyperparameters*": "the effective hyper-parameters (the strategy's defaults filled in)",
     "data*": "source, classes, split (how the splits were made), counts per split and class, skipped",
-    "model*": "backbone, num_features, num_blocks, params, trainable_params, preprocessing, inference_precision",
+    "model*": "backbone, num_features, num_blocks, params, trainable_params, preprocessing, inference_precision, "
+              "feature_runtime (runtime.py: torch or onnx, why, check and img/s figures)",
     "timing*": "wall_seconds and the seconds of each stage; throughputs; peak_memory_mb",
     "environment*": "device, threads, platform, library versions",
     "distributed*": "{world_size: processes that trained the run}",

@@ -26,6 +26,7 @@ class Run:
     metrics: dict[str, Any]
     info: ModelInfo
     _model: Any = field(default=None, repr=False)
+    _runtime: Any = field(default=None, repr=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Run:
@@ -77,6 +78,9 @@ class Run:
 
     def logits(self, pixels: Any, indices: list[int] | None = None, progress: bool = False) -> np.ndarray:
         """Logits for rows of decoded uint8 images, through the exact inference path used at test time."""
+        return self._forward(pixels, indices, progress, every_task=False)
+
+    def _forward(self, pixels: Any, indices: list[int] | None, progress: bool, every_task: bool) -> np.ndarray:
         import torch
 
         from .inference import default_device, run_batches
@@ -84,8 +88,34 @@ class Run:
         device = default_device()
         model = self.model.to(device).to(memory_format=torch.channels_last)
         idx = list(range(len(pixels))) if indices is None else indices
-        return run_batches(model, pixels, idx, self.preprocessing, device, self.dtype(device), progress=progress,
+        runtime = self.runtime(device)
+        if runtime is None:
+            fn = model.forward_tasks if every_task else model
+            dtype = self.dtype(device)
+        else:  # a frozen backbone evaluated through another runtime (onnxruntime): its features, then the heads
+            features = runtime.features_fn(model)
+            heads = [model.heads[t] for t in model.tasks] if every_task else [model.head]
+
+            def fn(x: torch.Tensor) -> torch.Tensor:
+                f = features(x).float()
+                return torch.cat([h(f) for h in heads], dim=1)
+
+            dtype = runtime.dtype
+        return run_batches(fn, pixels, idx, self.preprocessing, device, dtype, progress=progress,
                            flip_tta=self.tta).numpy()
+
+    def runtime(self, device: Any) -> Any:
+        """The runtime.Runtime of a run whose frozen features came from onnxruntime (None: torch, the model whole);
+        made once per Run."""
+        if self.info.extra.get("runtime") != "onnx" or device.type != "cpu":
+            return None
+        if self._runtime is None:
+            from .backbones import fingerprint
+            from .runtime import runtime_for_run
+
+            self._runtime = runtime_for_run("onnx", self.model, fingerprint(self.model), self.preprocessing,
+                                            self.dtype(device))
+        return self._runtime
 
     @property
     def tasks(self) -> list[LabelSpace]:
@@ -97,15 +127,7 @@ class Run:
         """Every task's logits side by side (`tasks` order), through the test-time inference path."""
         if len(self.tasks) == 1:
             return self.logits(pixels, indices, progress)
-        import torch
-
-        from .inference import default_device, run_batches
-
-        device = default_device()
-        model = self.model.to(device).to(memory_format=torch.channels_last)
-        idx = list(range(len(pixels))) if indices is None else indices
-        return run_batches(model.forward_tasks, pixels, idx, self.preprocessing, device, self.dtype(device),
-                           progress=progress, flip_tta=self.tta).numpy()
+        return self._forward(pixels, indices, progress, every_task=True)
 
     def probabilities(self, pixels: Any) -> np.ndarray:
         """Class probabilities of decoded images, every task's side by side (each task's row sums to 1)."""
@@ -138,7 +160,7 @@ class Run:
         device = default_device()
         model = self.model.to(device).to(memory_format=torch.channels_last)
         feats, _ = cached_features(model, fingerprint(model), pixels, list(hashes), self.preprocessing, device,
-                                   self.dtype(device), progress)
+                                   self.dtype(device), progress, self.runtime(device))
         with torch.no_grad():
             return model.head.cpu()(feats[indices]).numpy()
 

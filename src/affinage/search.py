@@ -468,12 +468,16 @@ def split_logits(plan: Any, net: Any, head: Any, data: Any, features: Any, indic
     model.eval()
     head = head.to(plan.device)
 
+    runtime = plan.runtime if frozen else None  # the mirrored images' features: the same runtime as the cached ones
+    forward = runtime.features_fn(model) if runtime is not None else model.forward_features
+
     def frozen_logits(x: torch.Tensor) -> torch.Tensor:
-        return head(model.forward_features(x).float())
+        return head(forward(x).float())
 
     with torch.no_grad():
         logits = run_batches(frozen_logits if frozen else model, data.decoded.pixels, indices, net.preprocessing,
-                             plan.device, plan.precision.inference_dtype, progress=progress, flip_tta=flip)
+                             plan.device, runtime.dtype if runtime is not None else plan.precision.inference_dtype,
+                             progress=progress, flip_tta=flip)
     net.cpu()
     head.cpu()
     return logits.float().numpy()

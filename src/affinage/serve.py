@@ -2,11 +2,13 @@
 decoding (`data.load_pixels`) and inference (`Run.logits`) code as training-time evaluation and `affinage predict`."""
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,50 @@ DEFAULT_PORT = 7860
 DEFAULT_MAX_UPLOAD_MB = 20.0  # a phone photo is 2-8 MB; larger uploads are refused before decoding
 DEFAULT_CONCURRENCY = 8  # requests decoded at once; the model itself batches whatever arrives together
 MAX_EXAMPLES = 20
+STATS_ENV = "AFFINAGE_SERVE_STATS"  # a path: the server writes its ServeStats there on SIGUSR1 and at exit
+
+
+@dataclass
+class ServeStats:
+    """Cumulative counters of where a server's time goes (seconds are summed, so take differences between two
+    snapshots to measure a stretch): how much of a request is decoding, waiting for the model and the model."""
+
+    requests: int = 0  # /predict calls that reached the decoder
+    handler_s: float = 0.0  # summed over requests: inside the handler (read + decode + model wait + model + top-k)
+    decode_s: float = 0.0  # summed over requests: load_pixels
+    batches: int = 0  # forward passes of the model
+    images: int = 0  # images through those passes
+    model_s: float = 0.0  # summed over batches: the model worker busy in Run.probabilities
+    image_model_s: float = 0.0  # summed over images: the forward pass of the batch each was in
+    image_wait_s: float = 0.0  # summed over images: queued for the model until its batch started
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **seconds_and_counts: float) -> None:
+        with self._lock:
+            for name, value in seconds_and_counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def counters(self) -> dict[str, float]:
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
+
+    def reset(self) -> None:
+        with self._lock:
+            for f in fields(self):
+                if f.compare:
+                    setattr(self, f.name, f.default)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters, the process's CPU seconds and torch's thread count, as a JSON-ready dict."""
+        import torch
+
+        return {**self.counters(), "cpu_s": time.process_time(), "torch_threads": torch.get_num_threads()}
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        """Write `snapshot()` atomically (a reader never sees half a file)."""
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(self.snapshot(), indent=2))
+        os.replace(tmp, path)
 
 
 def _import_gradio() -> Any:
@@ -43,19 +89,21 @@ class BatchingModel:
     `max_batch`, waiting at most `max_wait_s` for company) and answered through futures. Only the worker touches
     the model, so calls are thread-safe, and parallel users share a forward pass instead of waiting in line."""
 
-    def __init__(self, run: Run, max_batch: int = 16, max_wait_s: float = 0.01):
+    def __init__(self, run: Run, max_batch: int = 16, max_wait_s: float = 0.01, stats: ServeStats | None = None):
         self.run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
-        self._requests: queue.Queue[tuple[np.ndarray, Future[np.ndarray]] | None] = queue.Queue()
+        self.stats = stats or ServeStats()
+        self._requests: queue.Queue[tuple[np.ndarray, Future[np.ndarray], float] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._loop, name="affinage-model", daemon=True)
         self._worker.start()
         # load the weights and warm up now, in the worker: the first user does not pay for it
         side = run.preprocessing.stored_size
         self.probabilities(np.zeros((3, side, side), dtype=np.uint8))
+        self.stats.reset()  # the warm-up is not a request
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """Class probabilities for one decoded image (a `load_pixels` array)."""
         future: Future[np.ndarray] = Future()
-        self._requests.put((pixels, future))
+        self._requests.put((pixels, future, time.perf_counter()))
         return future.result()
 
     def close(self) -> None:
@@ -78,13 +126,17 @@ class BatchingModel:
                     self._requests.put(None)  # stop after answering this batch
                     break
                 batch.append(item)
+            start = time.perf_counter()
             try:
-                probabilities = self.run.probabilities(np.stack([pixels for pixels, _ in batch]))
+                probabilities = self.run.probabilities(np.stack([pixels for pixels, _, _ in batch]))
             except BaseException as exc:  # answer every waiting request, keep serving
-                for _, future in batch:
+                for _, future, _ in batch:
                     future.set_exception(exc)
                 continue
-            for (_, future), row in zip(batch, probabilities):
+            seconds = time.perf_counter() - start
+            self.stats.add(batches=1, images=len(batch), model_s=seconds, image_model_s=seconds * len(batch),
+                           image_wait_s=sum(start - queued for _, _, queued in batch))
+            for (_, future, _), row in zip(batch, probabilities):
                 future.set_result(row)
 
 
@@ -131,6 +183,7 @@ def build_app(run: Run | str | os.PathLike[str], top_k: int = 5, max_upload_mb: 
         if size > max_bytes:
             raise gr.Error(f"{name} is {size / 1e6:.1f} MB; this server accepts photos up to {max_upload_mb:g} MB.",
                            title="File too large", print_exception=False)
+        start = time.perf_counter()
         with open(path, "rb") as fh:
             data = fh.read()
         try:
@@ -138,9 +191,11 @@ def build_app(run: Run | str | os.PathLike[str], top_k: int = 5, max_upload_mb: 
         except UnreadableImage as exc:
             raise gr.Error(f"{name} cannot be used: {exc}. Upload a JPEG, PNG, WebP, BMP or TIFF photo.",
                            title="Not a usable photo", print_exception=False) from None
+        decoded = time.perf_counter()
         rows = run.split_tasks(model.probabilities(pixels))
         answers = [{t["label"]: t["probability"] for t in top_labels(row, list(space.classes), top_k)}
                    for row, space in zip(rows, tasks)]
+        model.stats.add(requests=1, decode_s=decoded - start, handler_s=time.perf_counter() - start)
         return answers[0] if len(tasks) == 1 else answers
 
     examples = held_out_photos(run, MAX_EXAMPLES)
@@ -180,6 +235,16 @@ def launch_options(host: str, port: int | None, max_upload_mb: float) -> dict[st
             "show_error": False}
 
 
+def write_stats_on_signal(stats: ServeStats, path: str) -> None:
+    """Write the server's counters to `path` whenever it gets SIGUSR1 (`kill -USR1 PID`) and when it exits."""
+    import atexit
+    import signal
+
+    atexit.register(stats.write, path)
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, lambda signum, frame: stats.write(path))
+
+
 def serve(run_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = DEFAULT_PORT, top_k: int = 5,
           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, concurrency: int = DEFAULT_CONCURRENCY,
           prevent_thread_lock: bool = False) -> gr.Blocks:
@@ -195,6 +260,9 @@ def serve(run_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 
         app.launch(prevent_thread_lock=True, quiet=True, **launch_options(host, port, max_upload_mb))
     except OSError as exc:
         raise AffinageError(f"cannot listen on {host}:{port}: {exc}", "pick a free port with --port") from exc
+    stats_path = os.environ.get(STATS_ENV)
+    if stats_path:
+        write_stats_on_signal(app._affinage_model.stats, stats_path)  # type: ignore[attr-defined]
     print(f"affinage: serving {run.path} at {app.local_url} (API: /predict) — Ctrl+C to stop", flush=True)
     if not prevent_thread_lock:
         app.block_thread()
