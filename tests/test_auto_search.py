@@ -135,11 +135,15 @@ def test_wise_mix_interpolates_floats_only():
     assert search._mix(start, end, 0.25)["n"] == 5  # counters are not averaged
 
 
-def test_kept_tta_is_saved_and_used_by_predict(tmp_path, tiny_images, tiny_timm):
+@pytest.mark.parametrize("strategy, options", [("partial:1", {}), ("linear-probe", {"runtime": "onnx"})])
+def test_kept_tta_is_saved_and_used_by_predict(tmp_path, tiny_images, tiny_timm, monkeypatch, strategy, options):
+    """Frozen backbones: the mirrored images' features beside the cached plain ones (in the features' runtime)
+    give what predict gives through the whole model."""
     import csv
 
-    run = finetune(data=str(tiny_images), model=str(tiny_timm), strategy="partial:1", out=tmp_path / "run",
-                   progress=False, log=_quiet, epochs=1, batch_size=8, tta="on")
+    monkeypatch.setenv("AFFINAGE_CACHE_DIR", str(tmp_path / "cache"))  # a cold cache: the network is built
+    run = finetune(data=str(tiny_images), model=str(tiny_timm), strategy=strategy, out=tmp_path / "run",
+                   progress=False, log=_quiet, epochs=1, batch_size=8, tta="on", **options)
     info = json.loads((run.path / "model" / "model.json").read_text())
     assert info["extra"]["tta"] is True
     reloaded = Run.load(run.path)

@@ -461,15 +461,26 @@ def split_logits(plan: Any, net: Any, head: Any, data: Any, features: Any, indic
     from .inference import run_batches
 
     frozen = plan.strategy.uses_cached_features
-    if frozen and not flip:
+    cached = frozen and features is not None and features.values is not None
+    if cached and not flip:
         with torch.no_grad():
             return head(features.values[indices].float()).numpy()
     model = net.to(plan.device).to(memory_format=torch.channels_last)
     model.eval()
     head = head.to(plan.device)
-
     runtime = plan.runtime if frozen else None  # the mirrored images' features: the same runtime as the cached ones
     forward = runtime.features_fn(model) if runtime is not None else model.forward_features
+    if cached:  # flip on a frozen backbone: only the mirrored images need a forward pass, the plain ones are cached
+        with torch.no_grad():
+            mirrored = run_batches(lambda x: forward(x.flip(3)).float(), data.decoded.pixels, indices,
+                                   net.preprocessing, plan.device,
+                                   runtime.dtype if runtime is not None else plan.precision.inference_dtype,
+                                   progress=progress)
+            head_cpu = head.cpu()
+            probs = (torch.softmax(head_cpu(features.values[indices].float()), 1)
+                     + torch.softmax(head_cpu(mirrored), 1)) / 2
+        net.cpu()
+        return torch.log(probs.clamp_min(1e-12)).numpy()
 
     def frozen_logits(x: torch.Tensor) -> torch.Tensor:
         return head(forward(x).float())
