@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -239,10 +240,44 @@ def test_model_calls_from_many_threads_match_one_at_a_time(tiny_run):
     assert np.abs(np.stack(together) - np.stack(alone)).max() < 0.02  # bf16 autocast on CPUs that have it
 
 
-def test_serve_command_listens_locally_until_interrupted(tiny_run):
+def test_stats_count_every_request_image_and_batch(tiny_run):
+    from affinage.serve import BatchingModel, ServeStats, build_app
+
+    run = Run.load(tiny_run)
+    photos = held_out_photos(run) * 3
+    app = build_app(run)
+    predict = next(fn.fn for fn in app.fns.values() if fn.api_name == "predict")
+    stats: ServeStats = app._affinage_model.stats
+    try:
+        assert stats.counters() == ServeStats().counters()  # the warm-up pass is not counted
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda p: predict({"path": p}), photos))
+    finally:
+        app._affinage_model.close()
+    assert len(answers) == len(photos) and all(set(a) <= set(run.classes) for a in answers)
+    counted = stats.counters()
+    assert counted["requests"] == counted["images"] == len(photos)
+    assert 1 <= counted["batches"] <= len(photos)
+    assert counted["decode_s"] > 0 and counted["handler_s"] > counted["decode_s"]
+    assert counted["image_model_s"] >= counted["model_s"] > 0  # every image of a batch waited for its whole pass
+
+    model = BatchingModel(run, max_batch=4, max_wait_s=0.5)  # a long wait: batches fill to max_batch
+    pixels = np.zeros((3, run.preprocessing.stored_size, run.preprocessing.stored_size), dtype=np.uint8)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: model.probabilities(pixels), range(12)))
+    finally:
+        model.close()
+    assert model.stats.images == 12 and 3 <= model.stats.batches <= 12
+    model.stats.reset()
+    assert model.stats.counters() == ServeStats().counters()
+
+
+def test_serve_command_listens_locally_until_interrupted(tiny_run, tmp_path):
     assert build_parser().parse_args(["serve", "run"]).host == "127.0.0.1"
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stats = tmp_path / "stats.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AFFINAGE_SERVE_STATS": str(stats)}
     proc = subprocess.Popen([sys.executable, "-m", "affinage.cli", "serve", str(tiny_run), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -250,6 +285,14 @@ def test_serve_command_listens_locally_until_interrupted(tiny_run):
         assert f"at http://127.0.0.1:{port}/" in line and "/predict" in line, (line, proc.stderr.read())
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
         assert "<html" in page.lower()
+        proc.send_signal(signal.SIGUSR1)  # AFFINAGE_SERVE_STATS: the counters, on demand
+        for _ in range(300):
+            if stats.exists():
+                break
+            time.sleep(0.1)
+        counters = json.loads(stats.read_text())
+        assert counters["requests"] == counters["images"] == counters["batches"] == 0  # a page view is no request
+        assert counters["torch_threads"] >= 1 and counters["cpu_s"] > 0
     finally:
         proc.terminate()
         proc.wait(timeout=30)
