@@ -126,10 +126,11 @@ def features_path(net, pixels: np.ndarray, pp, device: torch.device) -> dict[str
         if onnx.name == "onnx":
             runtimes["onnx fp32"] = onnx
         for name, runtime in runtimes.items():
-            hashes = [f"bench-{name}-{i}-{time.time_ns()}" for i in range(len(pixels))]
-            t0 = time.perf_counter()
-            cached_features(net, "bench", pixels, hashes, pp, device, dtype, progress=False, runtime=runtime)
-            out[name] = len(pixels) / (time.perf_counter() - t0)
+            def extract(runtime=runtime, name=name) -> None:  # fresh keys: every repeat computes (and writes) all features
+                hashes = [f"bench-{name}-{i}-{time.time_ns()}" for i in range(len(pixels))]
+                cached_features(net, "bench", pixels, hashes, pp, device, dtype, progress=False, runtime=runtime)
+
+            out[name] = len(pixels) / best_of(extract, 2)  # best of 2, as the raw figures are best of 3
     return out
 
 

@@ -43,7 +43,7 @@ def test_onnx_features_match_fp32_torch_and_the_decision_is_remembered(tiny_net,
     x = rt._check_batch(pixels, pp)
     with torch.no_grad():
         reference = tiny_net.forward_features(x)
-    got = chosen.features_fn(tiny_net)(x)
+    got = chosen.features_of(pixels, list(range(len(x))))  # uint8 in: crop in numpy, normalisation in the graph
     assert torch.allclose(got, reference, atol=1e-4, rtol=1e-4)
     assert rt.onnx_path(key, pp).is_file()
     # remembered: without the network (a backbone card run), auto reuses the decision and the export

@@ -163,9 +163,11 @@ def cached_features(model: nn.Module, model_key: str, pixels: np.ndarray, hashes
         return cached, True  # type: ignore[return-value]
     path = feature_cache_path(model_key, dtype, hashes, runtime)
     model.eval()
-    forward = runtime.features_fn(model) if runtime is not None else model.forward_features
-    feats = run_batches(forward, pixels, list(range(len(hashes))), pp, device,  # type: ignore[arg-type]
-                        runtime.dtype if runtime is not None else dtype, desc="extracting features", progress=progress)
+    if runtime is not None and runtime.name == "onnx":  # chosen on one CPU process only (runtime.choose_runtime)
+        feats = runtime.features_of(pixels, list(range(len(hashes))), progress=progress)
+    else:
+        feats = run_batches(model.forward_features, pixels, list(range(len(hashes))), pp,  # type: ignore[arg-type]
+                            device, dtype, desc="extracting features", progress=progress)
     if distributed.is_main():
         with atomic_path(path) as tmp:
             save_file({"features": feats.contiguous()}, str(tmp))

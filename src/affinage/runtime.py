@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import platform
 import time
 import warnings
@@ -30,6 +31,7 @@ from .errors import AffinageError
 from .storage import atomic_path, cache_dir, digest, read_json, write_json
 
 PROBE_MIN_IMAGES = 400  # below this a one-off export (~2 s for efficientnet_lite0) costs more than it can save
+ONNX_BATCH = 16  # onnxruntime's fastest batch on a 2-core CPU (bench/throughput.py: 181 img/s at 16, 156 at 64)
 CHECK_IMAGES = 16  # the check batch: verified against fp32 torch, and timed in each runtime
 TOLERANCE = 1e-3  # max |onnx - fp32 torch| over max |fp32 torch| on the check batch (fp32 ONNX: ~1e-5)
 DECISION_VERSION = "runtime-v1"
@@ -55,17 +57,26 @@ class Runtime:
         """Part of the feature cache key: features from different runtimes are cached apart."""
         return "onnx-fp32" if self.name == "onnx" else str(self.dtype)
 
-    def features_fn(self, net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Pixels (a normalised batch) -> pooled features, in this runtime."""
-        if self.name != "onnx":
-            return net.forward_features  # type: ignore[return-value]
-        session, name = self.session, self.session.get_inputs()[0].name
+    def features_of(self, pixels: Any, indices: list[int], flip: bool = False, progress: bool = False,
+                    desc: str = "extracting features") -> torch.Tensor:
+        """Pooled features of decoded uint8 rows (onnx): the centre crop is a slice, the scaling and normalisation
+        run inside the graph, so the Python side copies bytes and nothing else; `flip`: of the mirrored images."""
+        from tqdm.auto import tqdm
 
-        def onnx_features(x: torch.Tensor) -> torch.Tensor:
-            array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-            return torch.from_numpy(session.run(None, {name: array})[0])
-
-        return onnx_features
+        name = self.session.get_inputs()[0].name
+        size = self.session.get_inputs()[0].shape[-1]
+        outs = []
+        starts = range(0, len(indices), ONNX_BATCH)
+        for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=not progress, mininterval=1.0):
+            rows = np.asarray(pixels[indices[start:start + ONNX_BATCH]] if isinstance(pixels, np.ndarray)
+                              else np.stack([np.asarray(pixels[i]) for i in indices[start:start + ONNX_BATCH]]))
+            side = rows.shape[-1]
+            top, left = int(round((rows.shape[-2] - size) / 2.0)), int(round((side - size) / 2.0))
+            batch = rows[:, :, top:top + size, left:left + size]
+            if flip:
+                batch = batch[..., ::-1]
+            outs.append(torch.from_numpy(self.session.run(None, {name: np.ascontiguousarray(batch)})[0]))
+        return torch.cat(outs) if outs else torch.empty(0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"runtime": self.name, "precision": self.precision, "reason": self.reason, **self.evidence}
@@ -140,21 +151,25 @@ def runtime_for_run(name: str, net: nn.Module, model_key: str, pp: Any, dtype: t
 # ----------------------------------------------------------------------------------------------
 def onnx_path(model_key: str, pp: Any) -> Path:
     """The backbone's ONNX export (features only), kept in the cache beside its features."""
-    return cache_dir() / "onnx" / f"{digest('onnx-features-v1', model_key, str(pp.input_size), torch.__version__)}.onnx"
+    return cache_dir() / "onnx" / f"{digest('onnx-features-v2', json.dumps(pp.to_dict(), sort_keys=True), model_key, str(pp.input_size), torch.__version__)}.onnx"
 
 
 class _Features(nn.Module):
-    def __init__(self, net: nn.Module):
+    """uint8 centre-cropped images -> pooled features, with the checkpoint's scaling and normalisation in the graph."""
+
+    def __init__(self, net: nn.Module, pp: Any):
         super().__init__()
         self.net = net
+        self.register_buffer("mean", torch.tensor(list(pp.mean), dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(list(pp.std), dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_features(x)  # type: ignore[operator]
+        return self.net.forward_features((x.float() - self.mean) / self.std)  # type: ignore[operator]
 
 
 def export_features(net: nn.Module, path: Path, pp: Any) -> None:
-    """Export `net.forward_features` (fp32, dynamic batch) to `path`, atomically; the net's mode, device and
-    memory format are restored after."""
+    """Export uint8 pixels -> `net.forward_features` (fp32, dynamic batch) to `path`, atomically; the net's mode,
+    device and memory format are restored after."""
     was_training = net.training
     device = next(net.parameters()).device
     size = pp.input_size
@@ -162,8 +177,9 @@ def export_features(net: nn.Module, path: Path, pp: Any) -> None:
         net.eval().float().cpu()
         with atomic_path(path) as tmp, contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(_Features(net), (torch.zeros(1, 3, size, size),), str(tmp), input_names=["pixels"],
-                              output_names=["features"], dynamic_axes={"pixels": {0: "batch"}}, dynamo=False)
+            torch.onnx.export(_Features(net, pp), (torch.zeros(1, 3, size, size, dtype=torch.uint8),), str(tmp),
+                              input_names=["pixels"], output_names=["features"], dynamic_axes={"pixels": {0: "batch"}},
+                              dynamo=False)
     finally:
         net.to(device).train(was_training)
 
@@ -201,6 +217,7 @@ def _measure(net: nn.Module, model_key: str, pixels: Any, pp: Any, dtype: torch.
     from .inference import autocast, to_device
 
     x = _check_batch(pixels, pp)
+    rows = list(range(len(x)))
     path = onnx_path(model_key, pp)
     t0 = time.perf_counter()
     try:
@@ -215,21 +232,19 @@ def _measure(net: nn.Module, model_key: str, pixels: Any, pp: Any, dtype: torch.
     was_training = net.training
     net.eval()
     cpu = torch.device("cpu")
-    reference = net.forward_features(x).float()
-    onnx = Runtime("onnx", None, "", session=session).features_fn(net)
-    got = onnx(x)
+    reference = net.forward_features(x).float()  # fp32 torch through the eval transform: what ONNX must match
+    onnx = Runtime("onnx", None, "", session=session)
+    got = onnx.features_of(pixels, rows)
     scale = float(reference.abs().max()) or 1.0
     error = float((got - reference).abs().max()) / scale
     top1 = _same_top1(net, reference, got)
     check_ok = error <= TOLERANCE and top1 is not False
-    xl = to_device(x, cpu)
-
-    def in_torch() -> None:
+    def in_torch() -> None:  # what a torch run pays per batch: the eval transform and the forward pass
         with autocast(cpu, dtype):
-            net.forward_features(xl)
+            net.forward_features(to_device(_check_batch(pixels, pp), cpu))
 
     torch_rate = len(x) / _best_seconds(in_torch)
-    onnx_rate = len(x) / _best_seconds(lambda: onnx(x))
+    onnx_rate = len(x) / _best_seconds(lambda: onnx.features_of(pixels, rows))
     net.train(was_training)
     figures = {"check_images": len(x), "check_max_rel_error": error, "check_same_top1": top1,
                "img_s": {f"torch {_dtype_name(dtype)}": round(torch_rate, 1), "onnx fp32": round(onnx_rate, 1)},

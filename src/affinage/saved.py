@@ -89,20 +89,29 @@ class Run:
         model = self.model.to(device).to(memory_format=torch.channels_last)
         idx = list(range(len(pixels))) if indices is None else indices
         runtime = self.runtime(device)
-        if runtime is None:
-            fn = model.forward_tasks if every_task else model
-            dtype = self.dtype(device)
-        else:  # a frozen backbone evaluated through another runtime (onnxruntime): its features, then the heads
-            features = runtime.features_fn(model)
-            heads = [model.heads[t] for t in model.tasks] if every_task else [model.head]
-
-            def fn(x: torch.Tensor) -> torch.Tensor:
-                f = features(x).float()
-                return torch.cat([h(f) for h in heads], dim=1)
-
-            dtype = runtime.dtype
-        return run_batches(fn, pixels, idx, self.preprocessing, device, dtype, progress=progress,
+        if runtime is not None:  # a frozen backbone evaluated through onnxruntime: its features, then the heads
+            return self._through(runtime, model, pixels, idx, progress, every_task)
+        fn = model.forward_tasks if every_task else model
+        return run_batches(fn, pixels, idx, self.preprocessing, device, self.dtype(device), progress=progress,
                            flip_tta=self.tta).numpy()
+
+    def _through(self, runtime: Any, model: Any, pixels: Any, idx: list[int], progress: bool,
+                 every_task: bool) -> np.ndarray:
+        """Logits from the runtime's features (flip TTA: the mean of the plain and mirrored probabilities, as
+        `inference.run_batches` gives for a torch model)."""
+        import torch
+
+        heads = [model.heads[t] for t in model.tasks] if every_task else [model.head]
+        heads = [h.cpu().float() for h in heads]
+        outs = []
+        with torch.no_grad():
+            for flip in (False, True) if self.tta else (False,):
+                f = runtime.features_of(pixels, idx, flip=flip, progress=progress).float()
+                outs.append(torch.cat([h(f) for h in heads], dim=1))
+        if not self.tta:
+            return outs[0].numpy()
+        probs = (torch.softmax(outs[0], 1) + torch.softmax(outs[1], 1)) / 2  # as inference.run_batches' flip_tta
+        return torch.log(probs.clamp_min(1e-12)).numpy()
 
     def runtime(self, device: Any) -> Any:
         """The runtime.Runtime of a run whose frozen features came from onnxruntime (None: torch, the model whole);

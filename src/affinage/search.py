@@ -468,27 +468,35 @@ def split_logits(plan: Any, net: Any, head: Any, data: Any, features: Any, indic
     model = net.to(plan.device).to(memory_format=torch.channels_last)
     model.eval()
     head = head.to(plan.device)
-    runtime = plan.runtime if frozen else None  # the mirrored images' features: the same runtime as the cached ones
-    forward = runtime.features_fn(model) if runtime is not None else model.forward_features
+    onnx = plan.runtime if frozen and plan.runtime is not None and plan.runtime.name == "onnx" else None
     if cached:  # flip on a frozen backbone: only the mirrored images need a forward pass, the plain ones are cached
         with torch.no_grad():
-            mirrored = run_batches(lambda x: forward(x.flip(3)).float(), data.decoded.pixels, indices,
-                                   net.preprocessing, plan.device,
-                                   runtime.dtype if runtime is not None else plan.precision.inference_dtype,
-                                   progress=progress)
+            if onnx is not None:  # the same runtime as the cached features
+                mirrored = onnx.features_of(data.decoded.pixels, indices, flip=True, progress=progress)
+            else:
+                mirrored = run_batches(lambda x: model.forward_features(x.flip(3)).float(), data.decoded.pixels,
+                                       indices, net.preprocessing, plan.device, plan.precision.inference_dtype,
+                                       progress=progress)
             head_cpu = head.cpu()
             probs = (torch.softmax(head_cpu(features.values[indices].float()), 1)
-                     + torch.softmax(head_cpu(mirrored), 1)) / 2
+                     + torch.softmax(head_cpu(mirrored.float()), 1)) / 2
         net.cpu()
         return torch.log(probs.clamp_min(1e-12)).numpy()
 
+    if onnx is not None:  # no cached features at hand (val during the search): the runtime's, plain and mirrored
+        with torch.no_grad():
+            head_cpu = head.cpu()
+            probs = [torch.softmax(head_cpu(onnx.features_of(data.decoded.pixels, indices, flip=f).float()), 1)
+                     for f in ((False, True) if flip else (False,))]
+        net.cpu()
+        return torch.log((sum(probs) / len(probs)).clamp_min(1e-12)).numpy()  # type: ignore[union-attr]
+
     def frozen_logits(x: torch.Tensor) -> torch.Tensor:
-        return head(forward(x).float())
+        return head(model.forward_features(x).float())
 
     with torch.no_grad():
         logits = run_batches(frozen_logits if frozen else model, data.decoded.pixels, indices, net.preprocessing,
-                             plan.device, runtime.dtype if runtime is not None else plan.precision.inference_dtype,
-                             progress=progress, flip_tta=flip)
+                             plan.device, plan.precision.inference_dtype, progress=progress, flip_tta=flip)
     net.cpu()
     head.cpu()
     return logits.float().numpy()
