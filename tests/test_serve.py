@@ -170,6 +170,8 @@ def test_50_concurrent_api_calls_agree_with_predict(served, oxford17_probe, caps
 def test_app_contract(tiny_run, no_internet):
     from gradio_client import Client
 
+    from affinage.serve import DEFAULT_CONCURRENCY
+
     app = launch(tiny_run)
     try:
         assert app.server_name == "127.0.0.1" and not app.share
@@ -177,7 +179,7 @@ def test_app_contract(tiny_run, no_internet):
         api = Client(app.local_url, verbose=False).view_api(print_info=False, return_format="dict")
         assert list(api["named_endpoints"]) == ["/predict"]
         predict = next(fn for fn in app.fns.values() if fn.api_name == "predict")
-        assert predict.concurrency_limit == 8  # parallel users are not queued behind one another
+        assert predict.concurrency_limit == DEFAULT_CONCURRENCY  # parallel users are not queued behind one another
         config = json.loads(urllib.request.urlopen(app.local_url + "config", timeout=30).read())
         assert config["analytics_enabled"] is False
     finally:
@@ -229,13 +231,14 @@ def test_model_calls_from_many_threads_match_one_at_a_time(tiny_run):
     run = Run.load(tiny_run)
     photos = held_out_photos(run) * 4
     pixels = [load_pixels(Path(p).read_bytes(), run.preprocessing) for p in photos]
-    model = BatchingModel(run, max_batch=8, max_wait_s=0.02)
+    model = BatchingModel(run, max_batch=8, max_wait_s=0.02, workers=2)  # two forward passes at once
     try:
         with ThreadPoolExecutor(8) as pool:
             together = list(pool.map(model.probabilities, pixels))
         alone = [model.probabilities(x) for x in pixels]
     finally:
         model.close()
+    assert not any(worker.is_alive() for worker in model._workers)  # close stops every worker
     assert [int(p.argmax()) for p in together] == [int(p.argmax()) for p in alone]
     assert np.abs(np.stack(together) - np.stack(alone)).max() < 0.02  # bf16 autocast on CPUs that have it
 
@@ -271,6 +274,24 @@ def test_stats_count_every_request_image_and_batch(tiny_run):
     assert model.stats.images == 12 and 3 <= model.stats.batches <= 12
     model.stats.reset()
     assert model.stats.counters() == ServeStats().counters()
+
+
+def test_model_threads_share_the_cores_between_workers(monkeypatch):
+    import torch
+
+    from affinage.serve import model_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        assert model_threads(workers=2) == max(1, cores // 2)
+        assert model_threads(workers=cores * 4) == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's setting wins
+        torch.set_num_threads(3)
+        assert model_threads(workers=1) == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_serve_command_listens_locally_until_interrupted(tiny_run, tmp_path):

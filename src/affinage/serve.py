@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 DEFAULT_PORT = 7860
 DEFAULT_MAX_UPLOAD_MB = 20.0  # a phone photo is 2-8 MB; larger uploads are refused before decoding
-DEFAULT_CONCURRENCY = 8  # requests decoded at once; the model itself batches whatever arrives together
+DEFAULT_CONCURRENCY = 32  # requests in the handler at once (decoding or waiting for a batch): two full batches
+DEFAULT_MODEL_WORKERS = 2  # forward passes at once (BatchingModel)
 MAX_EXAMPLES = 20
 STATS_ENV = "AFFINAGE_SERVE_STATS"  # a path: the server writes its ServeStats there on SIGUSR1 and at exit
 
@@ -41,6 +42,7 @@ class ServeStats:
     batches: int = 0  # forward passes of the model
     images: int = 0  # images through those passes
     model_s: float = 0.0  # summed over batches: the model worker busy in Run.probabilities
+    model_thread_cpu_s: float = 0.0  # of which the worker thread's own CPU (intra-op threads not counted)
     image_model_s: float = 0.0  # summed over images: the forward pass of the batch each was in
     image_wait_s: float = 0.0  # summed over images: queued for the model until its batch started
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -85,17 +87,21 @@ def _import_gradio() -> Any:
 
 
 class BatchingModel:
-    """The run's model behind one worker thread: concurrent requests are queued, batched together (up to
-    `max_batch`, waiting at most `max_wait_s` for company) and answered through futures. Only the worker touches
-    the model, so calls are thread-safe, and parallel users share a forward pass instead of waiting in line."""
+    """The run's model behind `workers` threads: concurrent requests are queued, batched together (up to
+    `max_batch`, waiting at most `max_wait_s` for company) and answered through futures, so parallel users share a
+    forward pass instead of waiting in line. Two workers: one batch runs while the next one forms, and on a small
+    CPU two single-threaded forward passes side by side keep the cores busier than one two-threaded pass."""
 
-    def __init__(self, run: Run, max_batch: int = 16, max_wait_s: float = 0.01, stats: ServeStats | None = None):
+    def __init__(self, run: Run, max_batch: int = 16, max_wait_s: float = 0.01, stats: ServeStats | None = None,
+                 workers: int = DEFAULT_MODEL_WORKERS):
         self.run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
         self.stats = stats or ServeStats()
         self._requests: queue.Queue[tuple[np.ndarray, Future[np.ndarray], float] | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._loop, name="affinage-model", daemon=True)
-        self._worker.start()
-        # load the weights and warm up now, in the worker: the first user does not pay for it
+        self._workers = [threading.Thread(target=self._loop, name=f"affinage-model-{k}", daemon=True)
+                         for k in range(workers)]
+        for worker in self._workers:
+            worker.start()
+        # load the weights and warm up now: the first user does not pay for it
         side = run.preprocessing.stored_size
         self.probabilities(np.zeros((3, side, side), dtype=np.uint8))
         self.stats.reset()  # the warm-up is not a request
@@ -107,8 +113,10 @@ class BatchingModel:
         return future.result()
 
     def close(self) -> None:
-        self._requests.put(None)
-        self._worker.join(timeout=10)
+        for _ in self._workers:
+            self._requests.put(None)  # one stop per worker
+        for worker in self._workers:
+            worker.join(timeout=10)
 
     def _loop(self) -> None:
         while True:
@@ -123,10 +131,10 @@ class BatchingModel:
                 except queue.Empty:
                     break
                 if item is None:
-                    self._requests.put(None)  # stop after answering this batch
+                    self._requests.put(None)  # this worker's or another's stop: take it after answering this batch
                     break
                 batch.append(item)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 probabilities = self.run.probabilities(np.stack([pixels for pixels, _, _ in batch]))
             except BaseException as exc:  # answer every waiting request, keep serving
@@ -135,6 +143,7 @@ class BatchingModel:
                 continue
             seconds = time.perf_counter() - start
             self.stats.add(batches=1, images=len(batch), model_s=seconds, image_model_s=seconds * len(batch),
+                           model_thread_cpu_s=time.thread_time() - cpu,
                            image_wait_s=sum(start - queued for _, _, queued in batch))
             for (_, future, _), row in zip(batch, probabilities):
                 future.set_result(row)
@@ -235,6 +244,18 @@ def launch_options(host: str, port: int | None, max_upload_mb: float) -> dict[st
             "show_error": False}
 
 
+def model_threads(workers: int = DEFAULT_MODEL_WORKERS) -> int:
+    """Give each model worker an equal share of this process's cores as torch intra-op threads (unless
+    OMP_NUM_THREADS says otherwise): on 2 cores, 2 workers of 1 thread serve more than 1 worker of 2, whose threads
+    wait on each other whenever the web server takes a core."""
+    import torch
+
+    if not os.environ.get("OMP_NUM_THREADS"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // workers))
+    return torch.get_num_threads()
+
+
 def write_stats_on_signal(stats: ServeStats, path: str) -> None:
     """Write the server's counters to `path` whenever it gets SIGUSR1 (`kill -USR1 PID`) and when it exits."""
     import atexit
@@ -252,6 +273,7 @@ def serve(run_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 
     from .saved import Run
 
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")  # Gradio checks its own URL over HTTP
+    model_threads()
     run = Run.load(run_dir)
     app = build_app(run, top_k=top_k, max_upload_mb=max_upload_mb, concurrency=concurrency)
     if host not in ("127.0.0.1", "localhost", "::1"):
