@@ -331,3 +331,11 @@ def test_serve_help(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for option in ("--host", "--port", "--top-k", "--max-upload-mb", "--concurrency", "127.0.0.1", "no analytics"):
         assert option in out, option
+
+
+def test_the_cli_default_concurrency_is_the_servers():
+    from affinage.cli import build_parser
+    from affinage.serve import DEFAULT_CONCURRENCY
+
+    args = build_parser().parse_args(["serve", "some-run"])
+    assert args.concurrency == DEFAULT_CONCURRENCY

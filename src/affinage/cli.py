@@ -454,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=5, help="labels shown per photo (default: %(default)s)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default: %(default)s)")
-    p.add_argument("--concurrency", type=int, default=8,
-                   help="requests handled at once; the model batches those that arrive together (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=32,  # serve.DEFAULT_CONCURRENCY (not imported: gradio is heavy)
+                   help="requests in the handler at once (decoding or waiting); the model batches those that arrive "
+                        "together (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="write the model as ONNX, transformers or timm, loadable without affinage",
